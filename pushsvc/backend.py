@@ -1,0 +1,172 @@
+"""The backend line frontend: newline-delimited JSON over TCP.
+
+Exactly one reply line per request line, in request order, so a backend may
+pipeline many lines in one write.  This module only turns bytes into requests
+and results into bytes; the command model does the work.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import orjson
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+
+from pushsvc import commands
+from pushsvc.registry import Registry
+
+OK = b"ok\n"
+FAIL = b"fail\n"
+
+
+def error_line(reason: str, rid: Any = None) -> bytes:
+    """An error reply: ``error <reason>``, or a JSON object when the request had an id."""
+    if rid is not None:
+        return orjson.dumps({"id": rid, "ok": False, "error": reason}) + b"\n"
+    return b"error " + reason.replace("\n", " ").encode("utf-8", "replace") + b"\n"
+
+
+def result_line(cmd: commands.Command, result: dict, rid: Any) -> bytes:
+    if rid is not None:
+        return orjson.dumps({"id": rid, **result}) + b"\n"
+    if cmd.plain:
+        return OK if result["ok"] else FAIL
+    return orjson.dumps(result) + b"\n"
+
+
+def decode_error(line: bytes, exc: Exception) -> str:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return "invalid UTF-8"
+    return f"invalid JSON: {exc}"
+
+
+class BackendProtocol(LineReceiver):
+    """One backend connection.
+
+    ``dataReceived`` is overridden (LineReceiver would drop every line that
+    follows an over-long one in the same buffer, and would write one reply per
+    line); it splits a whole read at once, answers every line, and writes all
+    the replies in one call.
+    """
+
+    delimiter = b"\n"
+    log = Logger()
+
+    def __init__(self, registry: Registry, max_line: int) -> None:
+        self.registry = registry
+        self.MAX_LENGTH = max_line
+        self._buffer = b""
+        self._discarding = False  # inside an over-long line, until its newline
+        self._waiting: deque[bytes | Deferred[bytes]] | None = None
+
+    def connectionMade(self) -> None:
+        if ITCPTransport.providedBy(self.transport):
+            self.transport.setTcpNoDelay(True)
+
+    def dataReceived(self, data: bytes) -> None:
+        buf = self._buffer + data if self._buffer else data
+        replies: list[bytes | Deferred[bytes]] = []
+        start = 0
+        limit = self.MAX_LENGTH
+        while (end := buf.find(b"\n", start)) >= 0:
+            line = buf[start:end]
+            start = end + 1
+            if self._discarding:
+                self._discarding = False  # that newline ended the over-long line
+            elif len(line) > limit:
+                replies.append(error_line(f"line longer than {limit} bytes"))
+            else:
+                replies.append(self.lineReceived(line))
+        rest = buf[start:]
+        if len(rest) > limit:
+            if not self._discarding:
+                replies.append(error_line(f"line longer than {limit} bytes"))
+                self._discarding = True
+            rest = b""
+        self._buffer = rest
+        if replies:
+            self._send(replies)
+
+    def lineReceived(self, line: bytes) -> bytes | Deferred[bytes]:
+        """Answer one request line (without its newline)."""
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line.strip():
+            return error_line("empty line")
+        try:
+            request = orjson.loads(line)
+        except orjson.JSONDecodeError as e:
+            return error_line(decode_error(line, e))
+        rid = commands.request_id(request)
+        try:
+            cmd, result = commands.execute(self.registry, request)
+        except commands.RequestError as e:
+            return error_line(e.reason, rid)
+        except Exception:
+            self.log.failure("command failed")
+            return error_line("internal error", rid)
+        if isinstance(result, Deferred):
+            return result.addCallbacks(
+                lambda r: result_line(cmd, r, rid),
+                lambda f: error_line(getattr(f.value, "reason", "internal error"), rid),
+            )
+        return result_line(cmd, result, rid)
+
+    def lineLengthExceeded(self, line: bytes) -> None:  # pragma: no cover - not used
+        """Over-long lines are answered in dataReceived; never drop the connection."""
+
+    # -- ordered replies ------------------------------------------------------
+
+    def _send(self, replies: list[bytes | Deferred[bytes]]) -> None:
+        if self._waiting is None and not any(isinstance(r, Deferred) for r in replies):
+            self.transport.write(b"".join(replies))  # type: ignore[arg-type]
+            return
+        if self._waiting is None:
+            self._waiting = deque()
+        for reply in replies:
+            self._waiting.append(reply)
+            if isinstance(reply, Deferred):
+                reply.addBoth(self._resolved, reply)
+        self._flush()
+
+    def _resolved(self, value: bytes, reply: Deferred[bytes]) -> None:
+        waiting = self._waiting
+        if waiting is not None:
+            for i, item in enumerate(waiting):
+                if item is reply:
+                    waiting[i] = value
+                    break
+            self._flush()
+
+    def _flush(self) -> None:
+        waiting = self._waiting
+        ready = []
+        while waiting and not isinstance(waiting[0], Deferred):
+            ready.append(waiting.popleft())
+        if ready and self.transport is not None:
+            self.transport.write(b"".join(ready))  # type: ignore[arg-type]
+        if not waiting:
+            self._waiting = None
+
+    def connectionLost(self, reason: object = None) -> None:
+        self._waiting = None
+
+
+class BackendFactory(Factory):
+    """Creates backend connections bound to the shared registry."""
+
+    def __init__(self, registry: Registry, max_line: int = 65536) -> None:
+        self.registry = registry
+        self.max_line = max_line
+
+    def buildProtocol(self, addr: object) -> BackendProtocol:
+        proto = BackendProtocol(self.registry, self.max_line)
+        proto.factory = self
+        return proto

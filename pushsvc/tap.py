@@ -1,0 +1,114 @@
+"""twistd glue: ``twistd push`` options and the service tree.
+
+Modelled on ``twisted.words.tap``: one registry service, one protocol factory
+per frontend, each listening on a ``strports`` endpoint description, all in
+one MultiService.
+"""
+
+from __future__ import annotations
+
+import txaio
+from twisted.application import service, strports
+from twisted.logger import Logger
+from twisted.python import usage
+from txaio.interfaces import log_levels
+
+from pushsvc.auth import SECRET_ENV, load_secret, make_authenticator
+from pushsvc.backend import BackendFactory
+from pushsvc.registry import Registry
+from pushsvc.websocket import PushServerFactory
+
+log = Logger()
+
+LISTEN_BACKLOG = 1024  # Twisted's default of 50 drops SYNs in a reconnect storm
+
+
+def endpoint(value: str, interface: str | None = None) -> str:
+    """A bare port number becomes a TCP endpoint description; anything else is used as is."""
+    if value.isdigit():
+        desc = f"tcp:{value}:backlog={LISTEN_BACKLOG}"
+        if interface:
+            desc += f":interface={interface}"
+        return desc
+    return value
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the pushsvc WebSocket push service. Browsers connect to --ws-port and send "
+        "their uid (or a signed token); backends write JSON lines to --text-port. "
+        "Ports take a number or a Twisted endpoint description "
+        "(tcp:1234:interface=0.0.0.0, ssl:..., unix:..., systemd:...)."
+    )
+    optParameters = [
+        ["ws-port", None, "1234", "WebSocket port or endpoint (all interfaces)."],
+        ["text-port", None, "5678", "Backend line port or endpoint (127.0.0.1 only by default)."],
+        [
+            "secret-file",
+            None,
+            None,
+            f"File holding the HS256 JWT secret (or set ${SECRET_ENV}). "
+            "Without one, the first frame is trusted as the uid.",
+        ],
+        ["auth-timeout", None, 10.0, "Seconds a connection may take to authenticate.", float],
+        ["max-line", None, 65536, "Longest backend request line, in bytes.", int],
+        ["max-client-frame", None, 4096, "Largest frame a browser may send, in bytes.", int],
+        ["ping-interval", None, 30.0, "Seconds between WebSocket pings (0: off).", float],
+        ["ping-timeout", None, 10.0, "Seconds to wait for a pong before dropping.", float],
+        ["drain-timeout", None, 5.0, "Seconds shutdown waits for clients to close.", float],
+        ["log-level", None, "info", "Log level for Autobahn's own messages (debug is per frame)."],
+    ]
+    optFlags = [
+        ["compression", None, "Accept permessage-deflate (off by default: it costs CPU and RAM)."],
+    ]
+
+    def postOptions(self) -> None:
+        for name in ("auth-timeout", "max-line", "max-client-frame", "drain-timeout"):
+            if self[name] <= 0:
+                raise usage.UsageError(f"--{name} must be positive")
+        for name in ("ping-interval", "ping-timeout"):
+            if self[name] < 0:
+                raise usage.UsageError(f"--{name} must not be negative")
+        if self["log-level"] not in log_levels:
+            raise usage.UsageError(f"--log-level must be one of {', '.join(log_levels)}")
+        try:
+            self["secret"] = load_secret(self["secret-file"])
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"cannot read the secret: {e}") from None
+
+
+def makeService(config: Options) -> service.MultiService:
+    """Build the service tree: the registry first, so it stops (and drains) last."""
+    # Autobahn logs every frame at debug level through txaio; keep that off
+    # the hot path unless asked for.
+    txaio.set_global_log_level(config["log-level"])
+    top = service.MultiService()
+    registry = Registry(drain_timeout=config["drain-timeout"])
+    registry.setName("registry")
+    registry.setServiceParent(top)
+
+    authenticator = make_authenticator(config["secret"])
+    if authenticator.signed:
+        log.info("WebSocket clients must present an HS256 token signed with the secret")
+    else:
+        log.warn(
+            "WebSocket connections are UNAUTHENTICATED: the first frame is taken as the uid. "
+            "Set --secret-file or ${env} to require signed tokens.",
+            env=SECRET_ENV,
+        )
+
+    ws_factory = PushServerFactory(
+        registry,
+        authenticator,
+        auth_timeout=config["auth-timeout"],
+        max_frame=config["max-client-frame"],
+        ping_interval=config["ping-interval"],
+        ping_timeout=config["ping-timeout"],
+        compression=config["compression"],
+    )
+    strports.service(endpoint(config["ws-port"]), ws_factory).setServiceParent(top)
+
+    backend = BackendFactory(registry, max_line=config["max-line"])
+    strports.service(endpoint(config["text-port"], "127.0.0.1"), backend).setServiceParent(top)
+    return top

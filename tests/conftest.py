@@ -1,0 +1,176 @@
+"""Real processes and real sockets: a ``twistd push`` per server fixture.
+
+Servers listen on ephemeral ports (``tcp:0``); the ports are read back from
+Twisted's own "<Factory> starting on <port>" log lines.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import ClientConnection, connect
+
+TWISTD = shutil.which("twistd") or str(Path(sys.executable).with_name("twistd"))
+STARTING = re.compile(rb"(PushServerFactory|BackendFactory) starting on (\d+)")
+
+
+class PushServer:
+    """A ``twistd -n push`` subprocess on ephemeral 127.0.0.1 ports."""
+
+    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.logfile = workdir / "twistd.log"
+        cmd = [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            f"--logfile={self.logfile}",
+            "push",
+            "--ws-port=tcp:0:interface=127.0.0.1",
+            "--text-port=tcp:0:interface=127.0.0.1",
+            *args,
+        ]
+        # The server's secret comes only from what the test says.
+        full_env = {k: v for k, v in os.environ.items() if k != "PUSHSVC_SECRET"}
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(cmd, cwd=workdir, env=full_env)
+        self.ws_port, self.text_port = self._wait_for_ports()
+
+    def _wait_for_ports(self, timeout: float = 20.0) -> tuple[int, int]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"twistd exited with {self.proc.returncode}:\n{self.log()}")
+            ports = dict(
+                (name.decode(), int(port)) for name, port in STARTING.findall(self._log_bytes())
+            )
+            if len(ports) == 2:
+                return ports["PushServerFactory"], ports["BackendFactory"]
+            time.sleep(0.05)
+        raise RuntimeError(f"twistd did not start listening:\n{self.log()}")
+
+    def _log_bytes(self) -> bytes:
+        try:
+            return self.logfile.read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    def log(self) -> str:
+        return self._log_bytes().decode("utf-8", "replace")
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.ws_port}/"
+
+    def ws(self, uid: str | None = None, path: str = "/", **kw) -> ClientConnection:
+        """A real WebSocket client; sends ``uid`` as its first frame when given."""
+        conn = connect(f"ws://127.0.0.1:{self.ws_port}{path}", open_timeout=5, **kw)
+        if uid is not None:
+            conn.send(uid)
+        return conn
+
+    def backend(self) -> Backend:
+        return Backend(self.text_port)
+
+    def wait_for(self, predicate, timeout: float = 5.0) -> None:
+        """Poll the service (through its own stats command) until predicate(stats) holds."""
+        deadline = time.monotonic() + timeout
+        with self.backend() as b:
+            while True:
+                stats = b.json('{"cmd":"stats"}')
+                if predicate(stats):
+                    return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"condition not reached; last stats {stats}")
+                time.sleep(0.02)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+class Backend:
+    """A backend over a plain TCP socket, the way the PHP recipe talks."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data: bytes | str) -> None:
+        self.sock.sendall(data.encode() if isinstance(data, str) else data)
+
+    def line(self) -> bytes:
+        return self.file.readline()
+
+    def request(self, line: bytes | str) -> bytes:
+        """One request line (newline added), one reply line (newline stripped)."""
+        data = line.encode() if isinstance(line, str) else line
+        self.send(data + b"\n")
+        reply = self.line()
+        assert reply.endswith(b"\n"), reply
+        return reply[:-1]
+
+    def json(self, line: bytes | str) -> dict:
+        import json
+
+        return json.loads(self.request(line))
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator:
+    """Start ``twistd push`` with extra arguments; stopped at teardown."""
+    servers: list[PushServer] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> PushServer:
+        workdir = tmp_path / f"server{len(servers)}"
+        workdir.mkdir()
+        server = PushServer(workdir, *args, env=env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PushServer]:
+    """One development-mode server shared by a module's tests (use unique uids)."""
+    s = PushServer(tmp_path_factory.mktemp("server"))
+    yield s
+    s.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def ws_clients() -> Iterator[list[ClientConnection]]:
+    """Collects clients to close at teardown."""
+    clients: list[ClientConnection] = []
+    yield clients
+    for c in clients:
+        c.close()

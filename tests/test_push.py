@@ -1,0 +1,175 @@
+"""Pushes, tabs, broadcast and pipelining over real sockets."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from conftest import PushServer
+
+
+def uid() -> str:
+    return "u-" + uuid.uuid4().hex[:12]
+
+
+def online(server: PushServer, user: str) -> bool:
+    with server.backend() as b:
+        return b.json(json.dumps({"cmd": "online", "uid": user}))["online"][user]
+
+
+def test_every_tab_of_a_uid_receives(server: PushServer, ws_clients) -> None:
+    user = uid()
+    tabs = [server.ws(user) for _ in range(3)]
+    ws_clients.extend(tabs)
+    server.wait_for(lambda s: s["pending"] == 0)
+    with server.backend() as b:
+        reply = b.json(json.dumps({"id": 1, "uid": user, "data": "hello"}))
+    assert reply == {"id": 1, "ok": True, "delivered": 3}
+    assert [t.recv(timeout=5) for t in tabs] == ["hello"] * 3
+
+
+def test_closing_tabs_is_noticed(server: PushServer) -> None:
+    user = uid()
+    tabs = [server.ws(user) for _ in range(2)]
+    server.wait_for(lambda s: s["pending"] == 0)
+    tabs[0].close()
+    with server.backend() as b:
+        assert b.request(json.dumps({"uid": user, "data": "x"})) == b"ok"
+    assert tabs[1].recv(timeout=5) == "x"
+    tabs[1].close()
+    # The close handshake completes before close() returns, so the registry
+    # has forgotten the connection by the time the next request arrives.
+    with server.backend() as b:
+        assert b.request(json.dumps({"uid": user, "data": "y"})) == b"fail"
+    assert not online(server, user)
+
+
+def test_abrupt_disconnect_is_noticed(server: PushServer) -> None:
+    user = uid()
+    ws = server.ws(user)
+    server.wait_for(lambda s: s["pending"] == 0)
+    assert online(server, user)
+    ws.socket.close()  # no close frame: a browser whose network vanished
+    import time
+
+    deadline = time.monotonic() + 5
+    while online(server, user):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_payload_forms(server: PushServer, ws_clients) -> None:
+    user = uid()
+    ws = server.ws(user)
+    ws_clients.append(ws)
+    server.wait_for(lambda s: s["pending"] == 0)
+    cases = [
+        ({"uid": user, "data": "plain text"}, "plain text"),
+        ({"uid": user, "data": {"task": 7, "percent": 88}}, '{"task":7,"percent":88}'),
+        ({"uid": user, "data": [1, 2]}, "[1,2]"),
+        ({"uid": user, "data": 42}, "42"),
+        ({"uid": user, "data": "ünïcødé ✓"}, "ünïcødé ✓"),
+        ({"uid": [user, "offline-" + user], "data": "to a list"}, "to a list"),
+        ({"uid": user, "percent": 88}, "88"),
+    ]
+    with server.backend() as b:
+        for request, _ in cases:
+            assert b.request(json.dumps(request)) == b"ok"
+    assert [ws.recv(timeout=5) for _ in cases] == [text for _, text in cases]
+
+
+def test_list_of_uids_counts_every_connection(server: PushServer, ws_clients) -> None:
+    a, b_ = uid(), uid()
+    ws_clients.extend([server.ws(a), server.ws(a), server.ws(b_)])
+    server.wait_for(lambda s: s["pending"] == 0)
+    with server.backend() as b:
+        reply = b.json(json.dumps({"id": "x", "uid": [a, b_, a, uid()], "data": "m"}))
+    assert reply == {"id": "x", "ok": True, "delivered": 3}
+
+
+def test_broadcast_reaches_every_connection(start_server) -> None:
+    server = start_server()
+    clients = [server.ws(f"b{i}") for i in range(4)] + [server.ws("b0")]
+    server.wait_for(lambda s: s["connections"] == 5)
+    with server.backend() as b:
+        assert b.request('{"cmd":"broadcast","data":"to all"}') == b"ok"
+        assert b.json('{"id":2,"cmd":"broadcast","data":{"n":1}}') == {
+            "id": 2,
+            "ok": True,
+            "delivered": 5,
+        }
+    for c in clients:
+        assert c.recv(timeout=5) == "to all"
+        assert c.recv(timeout=5) == '{"n":1}'
+        c.close()
+
+
+def test_broadcast_with_nobody_connected_fails(start_server) -> None:
+    server = start_server()
+    with server.backend() as b:
+        assert b.request('{"cmd":"broadcast","data":"x"}') == b"fail"
+
+
+def test_unauthenticated_connection_gets_nothing(server: PushServer, ws_clients) -> None:
+    ws = server.ws()  # connected, but never says who it is
+    ws_clients.append(ws)
+    with server.backend() as b:
+        assert b.request('{"cmd":"broadcast","data":"x"}') in (b"ok", b"fail")
+    with pytest.raises(TimeoutError):
+        ws.recv(timeout=0.3)
+
+
+def test_frames_after_auth_are_ignored(server: PushServer, ws_clients) -> None:
+    user = uid()
+    ws = server.ws(user)
+    ws_clients.append(ws)
+    ws.send("another-uid")  # does not re-identify the connection
+    ws.send(b"\x00\x01binary")
+    with server.backend() as b:
+        assert b.request(json.dumps({"uid": "another-uid", "data": "x"})) == b"fail"
+        assert b.request(json.dumps({"uid": user, "data": "still here"})) == b"ok"
+    assert ws.recv(timeout=5) == "still here"
+
+
+def test_pipelining_1000_lines_in_one_write(server: PushServer, ws_clients) -> None:
+    user = uid()
+    ws = server.ws(user)
+    ws_clients.append(ws)
+    server.wait_for(lambda s: s["pending"] == 0)
+    lines = []
+    for i in range(1000):
+        target = user if i % 3 else "offline-" + user
+        lines.append(json.dumps({"uid": target, "data": str(i)}))
+    with server.backend() as b:
+        b.send("\n".join(lines) + "\n")
+        replies = [b.line() for _ in range(1000)]
+    assert replies == [b"ok\n" if i % 3 else b"fail\n" for i in range(1000)]
+    received = [ws.recv(timeout=5) for i in range(1000) if i % 3]
+    assert received == [str(i) for i in range(1000) if i % 3]
+
+
+def test_pipelined_ids_come_back_in_order(server: PushServer) -> None:
+    with server.backend() as b:
+        b.send(
+            "".join(json.dumps({"id": i, "uid": "nobody", "data": "x"}) + "\n" for i in range(200))
+        )
+        ids = [json.loads(b.line())["id"] for _ in range(200)]
+    assert ids == list(range(200))
+
+
+def test_crlf_line_endings_are_accepted(server: PushServer) -> None:
+    with server.backend() as b:
+        b.send(b'{"uid":"nobody","data":"x"}\r\n')
+        assert b.line() == b"fail\n"
+
+
+def test_stats_and_online(server: PushServer, ws_clients) -> None:
+    user = uid()
+    ws_clients.append(server.ws(user))
+    server.wait_for(lambda s: s["pending"] == 0)
+    with server.backend() as b:
+        reply = b.json(json.dumps({"cmd": "online", "uid": [user, "nobody"]}))
+        assert reply == {"ok": True, "online": {user: True, "nobody": False}}
+        stats = b.json('{"cmd":"stats"}')
+    assert stats["uids"] >= 1 and stats["connections"] >= 1
