@@ -20,8 +20,21 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
+ROOT = Path(__file__).resolve().parent.parent
 TWISTD = shutil.which("twistd") or str(Path(sys.executable).with_name("twistd"))
 STARTING = re.compile(rb"(PushServerFactory|BackendFactory) starting on (\d+)")
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a twistd child: this checkout's code, and no inherited secret.
+
+    The checkout goes first on PYTHONPATH so that twistd finds this tree's
+    plugin and package however (or whether) pushsvc was installed.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PUSHSVC_SECRET"}
+    env.update(extra or {})
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 
 class PushServer:
@@ -40,10 +53,7 @@ class PushServer:
             "--text-port=tcp:0:interface=127.0.0.1",
             *args,
         ]
-        # The server's secret comes only from what the test says.
-        full_env = {k: v for k, v in os.environ.items() if k != "PUSHSVC_SECRET"}
-        full_env.update(env or {})
-        self.proc = subprocess.Popen(cmd, cwd=workdir, env=full_env)
+        self.proc = subprocess.Popen(cmd, cwd=workdir, env=child_env(env))
         self.ws_port, self.text_port = self._wait_for_ports()
 
     def _wait_for_ports(self, timeout: float = 20.0) -> tuple[int, int]:

@@ -6,13 +6,14 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import TWISTD, PushServer
+from conftest import TWISTD, PushServer, child_env
 from websockets.exceptions import ConnectionClosed
+
+from pushsvc.tap import endpoint
 
 # twistd re-raises the signal that stopped it after a clean shutdown, so the
 # exit status is "killed by SIGTERM" (systemd counts that as success).
@@ -51,7 +52,7 @@ def test_sigterm_with_a_client_that_never_answers_is_bounded(start_server) -> No
 
 def test_daemon_mode_writes_pid_and_log(tmp_path: Path) -> None:
     """``twistd push`` without -n daemonizes with twistd's own pid and log files."""
-    env = {k: v for k, v in os.environ.items() if k != "PUSHSVC_SECRET"}
+    env = child_env()
     cmd = [
         TWISTD,
         "--pidfile=push.pid",
@@ -83,6 +84,7 @@ def test_bad_options_fail_fast(tmp_path: Path) -> None:
         proc = subprocess.run(
             [TWISTD, "-n", "--pidfile=", "push", *args],
             cwd=tmp_path,
+            env=child_env(),
             capture_output=True,
             timeout=30,
         )
@@ -93,9 +95,6 @@ def test_bad_options_fail_fast(tmp_path: Path) -> None:
 
 
 def test_port_numbers_and_endpoint_descriptions() -> None:
-    sys.path.insert(0, str(Path(__file__).parent))
-    from pushsvc.tap import endpoint
-
     assert endpoint("1234") == "tcp:1234:backlog=1024"
     assert endpoint("5678", "127.0.0.1") == "tcp:5678:backlog=1024:interface=127.0.0.1"
     assert endpoint("unix:/run/push.sock") == "unix:/run/push.sock"
