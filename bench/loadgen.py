@@ -1,0 +1,711 @@
+"""Load generator for the push protocol: many browsers and a few backends.
+
+Why hand-written: driving 10,000 WebSocket clients from one core rules out a
+full client library per connection.  Each simulated browser is a bare
+``asyncio.Protocol`` that performs the minimal client handshake, sends its uid
+as one masked text frame and parses the server's (unmasked) frames itself.
+Backends are asyncio Protocols that pipeline JSON request lines on the text
+port and count the reply lines.
+
+Every scenario counts and checks every frame and every reply, and measures
+the server (CPU from ``/proc/<pid>/stat``, RSS from ``/proc/<pid>/status``)
+and the generator itself (``time.process_time``) over the same window.
+
+Standalone use against an already running server (the runner in ``run.py``
+normally drives this module)::
+
+    python bench/loadgen.py --ws-port 8001 --text-port 8002 --pid 1234
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import statistics
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Generator CPU share above which a figure says more about the generator than
+# about the server.
+GENERATOR_BOUND = 0.90
+
+
+class BenchError(Exception):
+    """A scenario could not complete or saw a wrong frame or reply."""
+
+
+# --------------------------------------------------------------------------
+# Measuring the server process and ourselves
+# --------------------------------------------------------------------------
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """Return utime + stime of ``pid`` in seconds (children not included)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    # The command name may contain spaces; fields resume after the last ')'.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_kib(pid: int) -> int:
+    """Return the resident set size of ``pid`` in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError(f"no VmRSS for pid {pid}")
+
+
+@dataclass
+class Window:
+    """Wall time, server CPU and generator CPU spent between start() and stop()."""
+
+    pid: int
+    wall: float = 0.0
+    server_cpu: float = 0.0
+    gen_cpu: float = 0.0
+    t0: float = 0.0
+    _cpu0: tuple[float, float] = (0.0, 0.0)
+
+    def start(self) -> None:
+        """Take the opening readings."""
+        self.t0 = time.perf_counter()
+        self._cpu0 = (proc_cpu_seconds(self.pid), time.process_time())
+
+    def stop(self) -> None:
+        """Take the closing readings."""
+        self.wall = time.perf_counter() - self.t0
+        self.server_cpu = proc_cpu_seconds(self.pid) - self._cpu0[0]
+        self.gen_cpu = time.process_time() - self._cpu0[1]
+
+    def figures(self, count: int, unit: str) -> dict[str, Any]:
+        """Rate, server CPU per unit and both processes' CPU share."""
+        gen_share = self.gen_cpu / self.wall
+        return {
+            "count": count,
+            f"{unit}_per_s": count / self.wall,
+            f"server_cpu_us_per_{unit}": self.server_cpu / count * 1e6,
+            "server_cpu_pct": 100 * self.server_cpu / self.wall,
+            "gen_cpu_pct": 100 * gen_share,
+            "generator_bound": gen_share >= GENERATOR_BOUND,
+            "seconds": self.wall,
+        }
+
+
+# --------------------------------------------------------------------------
+# Simulated browsers
+# --------------------------------------------------------------------------
+
+
+def mask_frame(opcode: int, payload: bytes) -> bytes:
+    """Build a final, masked client frame (clients must mask, RFC 6455 5.3)."""
+    key = os.urandom(4)
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+    repeated = (key * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(n, "big")
+    return head + key + masked
+
+
+class Hub:
+    """State shared by all simulated browsers of one server session.
+
+    ``on_text`` is swapped per scenario so that the per-frame path does only
+    what that scenario needs to check.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        key = base64.b64encode(os.urandom(16))
+        self.handshake = (
+            b"GET / HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n" % (host.encode(), port, key)
+        )
+        self.accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+        self.ping = mask_frame(0x9, b"r")
+        self.on_text: Callable[[WsClient, bytes], None] = self.unexpected
+        self.frames = 0
+        self.expected = 0
+        self.done: asyncio.Future[None] | None = None
+        self.errors: list[str] = []
+        self.closed = 0
+
+    def unexpected(self, client: WsClient, payload: bytes) -> None:
+        """Default handler: no frame is expected outside a scenario."""
+        self.error(f"unexpected frame for {client.uid}: {payload[:60]!r}")
+
+    def error(self, message: str) -> None:
+        """Record a failure and end the running scenario early."""
+        if len(self.errors) < 20:
+            self.errors.append(message)
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(BenchError(message))
+
+    def expect(self, frames: int) -> asyncio.Future[None]:
+        """Arm a future that completes once ``frames`` more frames arrived."""
+        self.frames = 0
+        self.expected = frames
+        self.done = asyncio.get_running_loop().create_future()
+        if frames == 0:
+            self.done.set_result(None)
+        return self.done
+
+    def count(self) -> None:
+        """Count one frame toward the armed expectation."""
+        self.frames += 1
+        if self.frames == self.expected and self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+
+class WsClient(asyncio.Protocol):
+    """One simulated browser: handshake, uid frame, then receive frames.
+
+    ``ready`` resolves when the pong to a ping sent right after the uid frame
+    arrives: frames on a connection are handled in order, so by then the
+    server has processed the uid (registration is observable without any
+    extension of the protocol).
+    """
+
+    __slots__ = (
+        "uid",
+        "hub",
+        "transport",
+        "buf",
+        "is_open",
+        "ready",
+        "received",
+        "checksum",
+        "parts",
+    )
+
+    def __init__(self, uid: str, hub: Hub, ready: asyncio.Future[None]) -> None:
+        self.uid = uid
+        self.hub = hub
+        self.ready = ready
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.is_open = False
+        self.received = 0
+        self.checksum = 0
+        self.parts: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # noqa: D102
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.transport.write(self.hub.handshake)
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
+        self.hub.closed += 1
+        if not self.ready.done():
+            self.ready.set_exception(
+                BenchError(f"{self.uid}: connection lost during setup ({exc})")
+            )
+
+    def data_received(self, data: bytes) -> None:  # noqa: D102
+        if self.is_open:
+            self.parse(self.buf + data if self.buf else data)
+            return
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head, rest = self.buf[:end], self.buf[end + 4 :]
+        self.buf = b""
+        if not head.startswith(b"HTTP/1.1 101") or self.hub.accept not in head:
+            self.fail(f"bad handshake response: {head[:80]!r}")
+            return
+        self.is_open = True
+        assert self.transport is not None
+        self.transport.write(mask_frame(0x1, self.uid.encode()) + self.hub.ping)
+        if rest:
+            self.parse(rest)
+
+    def fail(self, message: str) -> None:
+        """Abort this connection and report why."""
+        if not self.ready.done():
+            self.ready.set_exception(BenchError(f"{self.uid}: {message}"))
+        self.hub.error(f"{self.uid}: {message}")
+        if self.transport is not None:
+            self.transport.abort()
+
+    def parse(self, buf: bytes) -> None:
+        """Consume every complete server frame in ``buf``; keep the remainder."""
+        pos, n = 0, len(buf)
+        while n - pos >= 2:
+            b1, b2 = buf[pos], buf[pos + 1]
+            length, head = b2 & 0x7F, 2
+            if length == 126:
+                if n - pos < 4:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+            elif length == 127:
+                if n - pos < 10:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+            if b2 & 0x80:
+                self.fail("server frame is masked")
+                return
+            end = pos + head + length
+            if end > n:
+                break
+            payload = buf[pos + head : end]
+            pos = end
+            opcode = b1 & 0x0F
+            if not b1 & 0x80:  # fragment: keep until the final one
+                self.parts.append(payload)
+                continue
+            if opcode == 0x0:  # final continuation
+                payload = b"".join(self.parts) + payload
+                self.parts.clear()
+                opcode = 0x1
+            if opcode == 0x1 or opcode == 0x2:
+                self.hub.on_text(self, payload)
+            elif opcode == 0xA:
+                if not self.ready.done():
+                    self.ready.set_result(None)
+            elif opcode == 0x9:
+                assert self.transport is not None
+                self.transport.write(mask_frame(0xA, payload))
+            elif opcode == 0x8:
+                assert self.transport is not None
+                self.transport.close()
+                break
+        self.buf = buf[pos:]
+
+
+async def connect_clients(
+    hub: Hub, host: str, port: int, uids: list[str], window: int
+) -> list[WsClient]:
+    """Open one connection per uid, at most ``window`` set-ups in flight.
+
+    The window keeps the server's accept queue short (Twisted listens with a
+    backlog of 50): an overflowing backlog would measure SYN retransmission
+    timers instead of the server.
+    """
+    loop = asyncio.get_running_loop()
+    clients: list[WsClient] = []
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < len(uids):
+            uid = uids[next_index]
+            next_index += 1
+            ready = loop.create_future()
+            client = WsClient(uid, hub, ready)
+            await loop.create_connection(lambda c=client: c, host, port)
+            clients.append(client)
+            await ready
+
+    await asyncio.gather(*(worker() for _ in range(min(window, len(uids)))))
+    return clients
+
+
+def close_clients(clients: list[WsClient]) -> None:
+    """Drop all connections at once (teardown is not measured)."""
+    for client in clients:
+        if client.transport is not None:
+            client.transport.abort()
+
+
+# --------------------------------------------------------------------------
+# Backend connections on the text port
+# --------------------------------------------------------------------------
+
+
+class Backend(asyncio.Protocol):
+    """A backend connection that pipelines request lines and counts replies.
+
+    ``submit`` queues lines and keeps at most ``window`` of them unanswered,
+    so that neither side buffers unbounded amounts; ``write_now`` bypasses the
+    queue for paced traffic.
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.replies: Counter[bytes] = Counter()
+        self.replied = 0
+        self.sent = 0
+        self.queue: list[bytes] = []
+        self.queued = 0
+        self.window = 1
+        self.target = 0
+        self.done: asyncio.Future[None] | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # noqa: D102
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
+        if self.done is not None and not self.done.done():
+            self.done.set_exception(BenchError(f"backend connection lost ({exc})"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def data_received(self, data: bytes) -> None:  # noqa: D102
+        lines = (self.buf + data).split(b"\n")
+        self.buf = lines.pop()
+        self.replies.update(lines)
+        self.replied += len(lines)
+        if self.queued < len(self.queue) and self.sent - self.replied <= self.window // 2:
+            self.fill()
+        if self.replied >= self.target and self.done is not None and not self.done.done():
+            self.done.set_result(None)
+
+    def fill(self) -> None:
+        """Write queued lines until ``window`` requests are unanswered."""
+        room = self.window - (self.sent - self.replied)
+        chunk = self.queue[self.queued : self.queued + room]
+        self.queued += len(chunk)
+        self.sent += len(chunk)
+        assert self.transport is not None
+        self.transport.write(b"".join(chunk))
+
+    def submit(self, lines: list[bytes], window: int) -> asyncio.Future[None]:
+        """Send ``lines`` pipelined; the future completes with the last reply."""
+        self.queue, self.queued, self.window = lines, 0, window
+        self.reset(len(lines))
+        self.fill()
+        assert self.done is not None
+        return self.done
+
+    def reset(self, expected: int) -> None:
+        """Start counting a new batch of ``expected`` replies."""
+        self.replies.clear()
+        self.replied = self.sent = 0
+        self.target = expected
+        self.done = asyncio.get_running_loop().create_future()
+        if expected == 0:
+            self.done.set_result(None)
+
+    def write_now(self, data: bytes, lines: int) -> None:
+        """Send ``lines`` request lines immediately (paced traffic)."""
+        self.sent += lines
+        assert self.transport is not None
+        self.transport.write(data)
+
+
+async def open_backends(host: str, port: int, count: int) -> list[Backend]:
+    """Open ``count`` backend connections to the text port."""
+    loop = asyncio.get_running_loop()
+    backends = []
+    for _ in range(count):
+        _, proto = await loop.create_connection(Backend, host, port)
+        backends.append(proto)
+    return backends
+
+
+def close_backends(backends: list[Backend]) -> None:
+    """Close backend connections politely (the server sees a clean EOF)."""
+    for backend in backends:
+        if backend.transport is not None:
+            backend.transport.close()
+
+
+def check_replies(backends: list[Backend], expected: bytes, total: int) -> None:
+    """Every reply line must be ``expected``; raise with a sample otherwise."""
+    replies: Counter[bytes] = Counter()
+    for backend in backends:
+        replies.update(backend.replies)
+    if replies[expected] != total:
+        sample = {k.decode(errors="replace"): v for k, v in replies.most_common(3)}
+        raise BenchError(f"expected {total} x {expected.decode()!r}, got {sample}")
+
+
+def push_line(uid: str, text: str, key: str = "data") -> bytes:
+    """Encode one push request line."""
+    return json.dumps({"uid": uid, key: text}, separators=(",", ":")).encode() + b"\n"
+
+
+# --------------------------------------------------------------------------
+# Scenarios
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """Where the server listens and which process to watch."""
+
+    host: str
+    ws_port: int
+    text_port: int
+    pid: int
+
+
+@dataclass
+class Config:
+    """Sizes of one run; ``quick`` shrinks them to fit a regression check."""
+
+    clients: int = 1000
+    fanout_clients: int = 10000
+    max_clients: int = 0
+    unicast_pushes: int = 50000
+    offline_pushes: int = 50000
+    broadcasts: int = 10
+    min_seconds: float = 1.0
+    latency_rate: int = 2000
+    latency_seconds: float = 5.0
+    connect_window: int = 48
+    pipeline_window: int = 1000
+    timeout: float = 120.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def scenario_connect(
+    target: Target, hub: Hub, n: int, cfg: Config, prefix: str = "u"
+) -> tuple[dict[str, Any], list[WsClient]]:
+    """Connect ``n`` browsers; connections/s, server CPU and RSS per connection."""
+    rss_before = proc_rss_kib(target.pid)
+    uids = [f"{prefix}{i}" for i in range(n)]
+    window = Window(target.pid)
+    window.start()
+    clients = await asyncio.wait_for(
+        connect_clients(hub, target.host, target.ws_port, uids, cfg.connect_window), cfg.timeout
+    )
+    window.stop()
+    await asyncio.sleep(0.2)  # let allocations settle before reading RSS
+    rss_after = proc_rss_kib(target.pid)
+    result = window.figures(n, "conn")
+    result["rss_kib_per_conn"] = (rss_after - rss_before) / n
+    result["rss_mib_total"] = rss_after / 1024
+    if hub.errors:
+        raise BenchError(hub.errors[0])
+    return result, clients
+
+
+async def scenario_unicast(
+    target: Target, hub: Hub, clients: list[WsClient], backends_n: int, cfg: Config
+) -> dict[str, Any]:
+    """Pipeline unicast pushes over ``backends_n`` backend connections.
+
+    Push ``j`` of a batch goes to client ``j mod N`` with payload ``j``; each
+    client counts and sums what it receives, so a lost, duplicated or
+    misrouted frame is caught.  Batches repeat until ``cfg.min_seconds``.
+    """
+    n, pushes = len(clients), cfg.unicast_pushes
+    expected_sum = [0] * n
+    expected_count = [0] * n
+    per_backend: list[list[bytes]] = [[] for _ in range(backends_n)]
+    for j in range(pushes):
+        i = j % n
+        expected_sum[i] += j
+        expected_count[i] += 1
+        line = push_line(clients[i].uid, str(j), key="percent")
+        per_backend[j % backends_n].append(line)
+
+    def on_text(client: WsClient, payload: bytes) -> None:
+        client.received += 1
+        client.checksum += int(payload)
+        hub.count()
+
+    hub.on_text = on_text
+    backends = await open_backends(target.host, target.text_port, backends_n)
+    window = Window(target.pid)
+    batches = 0
+    window.start()
+    while batches == 0 or time.perf_counter() - window.t0 < cfg.min_seconds:
+        for client in clients:
+            client.received = client.checksum = 0
+        frames_done = hub.expect(pushes)
+        replies = [
+            b.submit(lines, cfg.pipeline_window)
+            for b, lines in zip(backends, per_backend, strict=True)
+        ]
+        await asyncio.wait_for(asyncio.gather(frames_done, *replies), cfg.timeout)
+        check_replies(backends, b"ok", pushes)
+        for i, client in enumerate(clients):
+            if client.received != expected_count[i] or client.checksum != expected_sum[i]:
+                raise BenchError(
+                    f"{client.uid}: got {client.received} frames, expected {expected_count[i]}"
+                )
+        batches += 1
+    window.stop()
+    hub.on_text = hub.unexpected
+    close_backends(backends)
+    return window.figures(pushes * batches, "push")
+
+
+async def scenario_offline(target: Target, hub: Hub, cfg: Config) -> dict[str, Any]:
+    """Pushes to uids nobody holds: every reply must be ``fail``."""
+    pushes = cfg.offline_pushes
+    lines = [push_line(f"offline{j}", str(j)) for j in range(pushes)]
+    backends = await open_backends(target.host, target.text_port, 1)
+    window = Window(target.pid)
+    batches = 0
+    window.start()
+    while batches == 0 or time.perf_counter() - window.t0 < cfg.min_seconds:
+        await asyncio.wait_for(backends[0].submit(lines, cfg.pipeline_window), cfg.timeout)
+        check_replies(backends, b"fail", pushes)
+        batches += 1
+    window.stop()
+    if hub.errors:
+        raise BenchError(hub.errors[0])
+    close_backends(backends)
+    return window.figures(pushes * batches, "push")
+
+
+async def scenario_latency(
+    target: Target, hub: Hub, clients: list[WsClient], cfg: Config
+) -> dict[str, Any]:
+    """Push at a fixed rate; latency from the send timestamp in each payload."""
+    rate, total = cfg.latency_rate, int(cfg.latency_rate * cfg.latency_seconds)
+    latencies: list[int] = []
+    clock = time.perf_counter_ns
+
+    def on_text(client: WsClient, payload: bytes) -> None:
+        latencies.append(clock() - int(payload))
+        hub.count()
+
+    hub.on_text = on_text
+    uids = [c.uid for c in clients]
+    prefixes = [b'{"uid":%s,"data":"' % json.dumps(u).encode() for u in uids]
+    (backend,) = await open_backends(target.host, target.text_port, 1)
+    backend.reset(total)
+    frames_done = hub.expect(total)
+    window = Window(target.pid)
+    window.start()
+    t0 = time.perf_counter()
+    sent = 0
+    while sent < total:
+        due = min(total, int((time.perf_counter() - t0) * rate) + 1)
+        batch = []
+        while sent < due:
+            batch.append(b'%s%d"}\n' % (prefixes[sent % len(prefixes)], clock()))
+            sent += 1
+        backend.write_now(b"".join(batch), len(batch))
+        # Ticks of at least 1 ms: event loops round shorter timers to a busy spin.
+        await asyncio.sleep(max(0.001, t0 + sent / rate - time.perf_counter()))
+    send_seconds = time.perf_counter() - t0
+    assert backend.done is not None
+    await asyncio.wait_for(asyncio.gather(frames_done, backend.done), cfg.timeout)
+    window.stop()
+    hub.on_text = hub.unexpected
+    check_replies([backend], b"ok", total)
+    assert backend.transport is not None
+    backend.transport.close()
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    result = window.figures(total, "push")
+    result.update(
+        achieved_rate=total / send_seconds,
+        p50_ms=q[49] / 1e6,
+        p90_ms=q[89] / 1e6,
+        p99_ms=q[98] / 1e6,
+        max_ms=max(latencies) / 1e6,
+    )
+    return result
+
+
+async def scenario_broadcast(
+    target: Target, hub: Hub, clients: list[WsClient], cfg: Config
+) -> dict[str, Any]:
+    """Broadcasts, two in flight, until ``cfg.min_seconds``; frames delivered/s."""
+    n, count = len(clients), cfg.broadcasts
+
+    def on_text(client: WsClient, payload: bytes) -> None:
+        client.received += 1
+        hub.count()
+
+    hub.on_text = on_text
+    lines = [b'{"cmd":"broadcast","data":"b%d"}\n' % k for k in range(count)]
+    backends = await open_backends(target.host, target.text_port, 1)
+    window = Window(target.pid)
+    batches = 0
+    window.start()
+    while batches == 0 or time.perf_counter() - window.t0 < cfg.min_seconds:
+        for client in clients:
+            client.received = 0
+        frames_done = hub.expect(n * count)
+        replies = backends[0].submit(lines, 2)
+        await asyncio.wait_for(asyncio.gather(frames_done, replies), cfg.timeout)
+        check_replies(backends, b"ok", count)
+        short = [c.uid for c in clients if c.received != count]
+        if short:
+            raise BenchError(f"{len(short)} clients missed broadcasts, e.g. {short[0]}")
+        batches += 1
+    window.stop()
+    hub.on_text = hub.unexpected
+    close_backends(backends)
+    return window.figures(n * count * batches, "frame")
+
+
+async def session_unicast(target: Target, cfg: Config) -> dict[str, Any]:
+    """Connect ``cfg.clients`` browsers, then the unicast/offline/latency scenarios."""
+    hub = Hub(target.host, target.ws_port)
+    results: dict[str, Any] = {}
+    results[f"connect_{cfg.clients}"], clients = await scenario_connect(
+        target, hub, cfg.clients, cfg
+    )
+    try:
+        results["unicast_1"] = await scenario_unicast(target, hub, clients, 1, cfg)
+        results["unicast_8"] = await scenario_unicast(target, hub, clients, 8, cfg)
+        results["offline"] = await scenario_offline(target, hub, cfg)
+        results["latency"] = await scenario_latency(target, hub, clients, cfg)
+    finally:
+        close_clients(clients)
+    return results
+
+
+async def session_fanout(target: Target, cfg: Config) -> dict[str, Any]:
+    """Connect ``cfg.fanout_clients`` browsers, then broadcast to all of them."""
+    hub = Hub(target.host, target.ws_port)
+    results: dict[str, Any] = {}
+    results[f"connect_{cfg.fanout_clients}"], clients = await scenario_connect(
+        target, hub, cfg.fanout_clients, cfg
+    )
+    try:
+        results["broadcast"] = await scenario_broadcast(target, hub, clients, cfg)
+    finally:
+        close_clients(clients)
+    return results
+
+
+async def session_max(target: Target, cfg: Config) -> dict[str, Any]:
+    """Connect as many browsers as the file-descriptor limit allows."""
+    hub = Hub(target.host, target.ws_port)
+    result, clients = await scenario_connect(target, hub, cfg.max_clients, cfg)
+    close_clients(clients)
+    return {"connect_max": result}
+
+
+SESSIONS: dict[str, Callable[[Target, Config], Any]] = {
+    "unicast": session_unicast,
+    "fanout": session_fanout,
+    "max": session_max,
+}
+
+
+def main() -> None:
+    """Run the sessions once against an already running server; print JSON."""
+    parser = argparse.ArgumentParser(description="push protocol load generator")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--ws-port", type=int, required=True)
+    parser.add_argument("--text-port", type=int, required=True)
+    parser.add_argument("--pid", type=int, required=True, help="server process to measure")
+    parser.add_argument("--clients", type=int, default=Config.clients)
+    parser.add_argument("--fanout-clients", type=int, default=Config.fanout_clients)
+    args = parser.parse_args()
+    cfg = Config(clients=args.clients, fanout_clients=args.fanout_clients)
+    target = Target(args.host, args.ws_port, args.text_port, args.pid)
+    results: dict[str, Any] = {}
+    for name in ("unicast", "fanout"):
+        results.update(asyncio.run(SESSIONS[name](target, cfg)))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
