@@ -19,6 +19,7 @@ CLOSE_AUTH_TIMEOUT = 4008
 
 MAX_UID_LENGTH = 256
 SECRET_ENV = "PUSHSVC_SECRET"
+API_KEY_ENV = "PUSHSVC_API_KEY"
 
 
 class AuthError(Exception):
@@ -33,6 +34,7 @@ class AuthError(Exception):
 @dataclass(frozen=True)
 class Identity:
     uid: str
+    groups: tuple[str, ...] = ()
 
 
 def check_uid(uid: str) -> str:
@@ -60,7 +62,8 @@ class JWTAuthenticator:
     """HS256 tokens signed by the web application with a shared secret.
 
     ``sub`` is the uid and ``exp`` is required: a token that never expires is
-    a password that can never be revoked.
+    a password that can never be revoked.  An optional ``groups`` claim (a
+    list of names) puts the connection in those groups.
     """
 
     signed = True
@@ -87,11 +90,16 @@ class JWTAuthenticator:
         sub = claims["sub"]
         if not isinstance(sub, str):
             raise AuthError(CLOSE_INVALID_TOKEN, "invalid token: sub is not a string")
-        return Identity(check_uid(sub))
+        groups = claims.get("groups", [])
+        if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
+            raise AuthError(CLOSE_INVALID_TOKEN, "invalid token: groups is not a list of names")
+        return Identity(check_uid(sub), tuple(dict.fromkeys(groups)))
 
 
-def load_secret(secret_file: str | None, environ: dict[str, str] | None = None) -> bytes | None:
-    """The JWT secret from a file (preferred) or the environment; None in development mode.
+def load_secret(
+    secret_file: str | None, env_name: str = SECRET_ENV, environ: dict[str, str] | None = None
+) -> bytes | None:
+    """A secret (JWT key, API key) from a file (preferred) or the environment; None if unset.
 
     Not a command-line flag: ``ps`` shows every process's arguments.
     """
@@ -102,7 +110,7 @@ def load_secret(secret_file: str | None, environ: dict[str, str] | None = None) 
             raise ValueError(f"secret file {secret_file} is empty")
         return secret
     env = os.environ if environ is None else environ
-    value = env.get(SECRET_ENV, "")
+    value = env.get(env_name, "")
     return value.encode("utf-8") if value else None
 
 

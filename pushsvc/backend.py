@@ -34,7 +34,7 @@ def error_line(reason: str, rid: Any = None) -> bytes:
 def result_line(cmd: commands.Command, result: dict, rid: Any) -> bytes:
     if rid is not None:
         return orjson.dumps({"id": rid, **result}) + b"\n"
-    if cmd.plain:
+    if cmd.delivery:
         return OK if result["ok"] else FAIL
     return orjson.dumps(result) + b"\n"
 
@@ -67,6 +67,7 @@ class BackendProtocol(LineReceiver):
         self._waiting: deque[bytes | Deferred[bytes]] | None = None
 
     def connectionMade(self) -> None:
+        self.registry.metrics.backend_connections += 1
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
 
@@ -156,6 +157,7 @@ class BackendProtocol(LineReceiver):
             self._waiting = None
 
     def connectionLost(self, reason: object = None) -> None:
+        self.registry.metrics.backend_connections -= 1
         self._waiting = None
 
 

@@ -3,24 +3,30 @@
 A request is a JSON object.  ``cmd`` names the command (default ``push``, so
 the Workerman recipe's ``{"uid": "uid1", "percent": "88%"}`` is a push).  Each
 command validates its own fields, runs against the registry and returns a
-result dict.  The frontends (the TCP line protocol, later HTTP) only parse
-bytes into a request and format the result or error back; they never touch
-the registry themselves.
+result dict.  The frontends (the TCP line protocol and the HTTP API) only
+turn bytes into a request and a result or error back into bytes; they never
+touch the registry themselves.  Adding a command is adding a function here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any
 
 import orjson
 from twisted.internet.defer import Deferred
 
-from pushsvc.registry import Registry
+from pushsvc.registry import NOBODY, Registry, page
 
 Result = dict[str, Any]
 Handler = Callable[[Registry, dict], "Result | Deferred[Result]"]
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+DISCONNECT_CODE = 4009
+DISCONNECT_REASON = "disconnected by the application"
 
 
 class RequestError(Exception):
@@ -31,39 +37,45 @@ class RequestError(Exception):
         self.reason = reason
 
 
+class UnknownCommand(RequestError):
+    """No such command (the HTTP API answers 404 for it)."""
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
     handler: Handler
-    # Seed-compatible commands answer a request without "id" with a bare
-    # ``ok``/``fail``; the others always answer with a JSON object.
-    plain: bool
+    # Delivery commands (push, broadcast) answer a request without "id" with
+    # the seed's bare ``ok``/``fail`` and are timed for the push histogram;
+    # the others always answer with a JSON object.
+    delivery: bool
     doc: str
 
 
 COMMANDS: dict[str, Command] = {}
 
 
-def command(name: str, *, plain: bool = False) -> Callable[[Handler], Handler]:
+def command(name: str, *, delivery: bool = False) -> Callable[[Handler], Handler]:
     """Register a command; its docstring is its one-line description."""
 
     def register(handler: Handler) -> Handler:
-        COMMANDS[name] = Command(name, handler, plain, (handler.__doc__ or "").strip())
+        COMMANDS[name] = Command(name, handler, delivery, (handler.__doc__ or "").strip())
         return handler
 
     return register
 
 
-def lookup(request: object) -> Command:
-    """The command a decoded request asks for, or RequestError."""
+def lookup(request: object, name: str | None = None) -> Command:
+    """The command a decoded request asks for (or ``name``, as HTTP gives it in the path)."""
     if not isinstance(request, dict):
         raise RequestError("request must be a JSON object")
-    name = request.get("cmd", "push")
-    if not isinstance(name, str):
-        raise RequestError("cmd must be a string")
+    if name is None:
+        name = request.get("cmd", "push")
+        if not isinstance(name, str):
+            raise RequestError("cmd must be a string")
     cmd = COMMANDS.get(name)
     if cmd is None:
-        raise RequestError(f"unknown command {name!r}")
+        raise UnknownCommand(f"unknown command {name!r}")
     return cmd
 
 
@@ -71,27 +83,44 @@ def request_id(request: object) -> Any:
     """The ``id`` a pipelining client put on its request, or None."""
     if isinstance(request, dict):
         rid = request.get("id")
-        if rid is None or isinstance(rid, (str, int, float)) and not isinstance(rid, bool):
+        if isinstance(rid, (str, int, float)) and not isinstance(rid, bool):
             return rid
     return None
+
+
+def execute(
+    registry: Registry, request: object, name: str | None = None
+) -> tuple[Command, Result | Deferred[Result]]:
+    """Run a decoded request; raises RequestError for anything invalid."""
+    cmd = lookup(request, name)
+    if not cmd.delivery:
+        return cmd, cmd.handler(registry, request)  # type: ignore[arg-type]
+    started = perf_counter()
+    try:
+        result = cmd.handler(registry, request)  # type: ignore[arg-type]
+    except RequestError:
+        registry.metrics.pushes["error"] += 1
+        raise
+    registry.metrics.observe_push(perf_counter() - started)
+    return cmd, result
 
 
 # -- field validation shared by the commands --------------------------------
 
 
-def uid_list(request: dict, field: str = "uid") -> list[str]:
-    """A uid or a non-empty list of uids, as a list without duplicates."""
+def names(request: dict, field: str, required: bool = True) -> list[str]:
+    """A non-empty string or a non-empty list of them, as a list without duplicates."""
     value = request.get(field)
     if isinstance(value, str):
         if not value:
             raise RequestError(f"{field} must not be empty")
         return [value]
-    if isinstance(value, list) and value:
-        if not all(isinstance(u, str) and u for u in value):
-            raise RequestError(f"{field} must be a non-empty string or a list of them")
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
         return list(dict.fromkeys(value))
     if value is None:
-        raise RequestError(f"missing {field}")
+        if required:
+            raise RequestError(f"missing {field}")
+        return []
     raise RequestError(f"{field} must be a non-empty string or a list of them")
 
 
@@ -108,6 +137,26 @@ def payload(request: dict) -> bytes:
     return orjson.dumps(value)
 
 
+def excluded(request: dict) -> frozenset[str]:
+    return frozenset(names(request, "exclude", required=False)) or NOBODY
+
+
+def integer(request: dict, field: str, default: int, low: int, high: int) -> int:
+    value = request.get(field, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise RequestError(f"{field} must be an integer from {low} to {high}")
+    return value
+
+
+def paged(uids: Any, request: dict) -> Result:
+    after = request.get("after")
+    if after is not None and not isinstance(after, str):
+        raise RequestError("after must be a string")
+    limit = integer(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+    chunk, next_after = page(uids, after, limit)
+    return {"ok": True, "uids": chunk, "next": next_after}
+
+
 def delivery(reached: int) -> Result:
     return {"ok": reached > 0, "delivered": reached}
 
@@ -115,37 +164,93 @@ def delivery(reached: int) -> Result:
 # -- the commands -------------------------------------------------------------
 
 
-@command("push", plain=True)
+@command("push", delivery=True)
 def push(registry: Registry, request: dict) -> Result:
-    """Send data to every connection of one or more uids."""
-    return delivery(registry.push(uid_list(request), payload(request)))
+    """Send data to every connection of some uids, or of some groups' members."""
+    if "group" in request:
+        if "uid" in request:
+            raise RequestError("give uid or group, not both")
+        reached = registry.push_groups(names(request, "group"), payload(request), excluded(request))
+    else:
+        uids = names(request, "uid")
+        data = payload(request)
+        if "exclude" in request:
+            skip = excluded(request)
+            uids = [u for u in uids if u not in skip]
+        reached = registry.push(uids, data)
+    registry.metrics.pushes["delivered" if reached else "offline"] += 1
+    return delivery(reached)
 
 
-@command("broadcast", plain=True)
+@command("broadcast", delivery=True)
 def broadcast(registry: Registry, request: dict) -> Result:
-    """Send data to every authenticated connection."""
-    return delivery(registry.broadcast(payload(request)))
+    """Send data to every authenticated connection, but those of ``exclude``."""
+    reached = registry.broadcast(payload(request), excluded(request))
+    registry.metrics.broadcasts += 1
+    return delivery(reached)
+
+
+@command("join")
+def join(registry: Registry, request: dict) -> Result:
+    """Put uids in groups: their current and future connections, until they leave."""
+    registry.join(names(request, "uid"), names(request, "group"))
+    return {"ok": True}
+
+
+@command("leave")
+def leave(registry: Registry, request: dict) -> Result:
+    """Take uids out of groups."""
+    registry.leave(names(request, "uid"), names(request, "group"))
+    return {"ok": True}
 
 
 @command("online")
 def online(registry: Registry, request: dict) -> Result:
     """Which of the given uids have at least one live connection."""
-    uids = uid_list(request)
-    return {"ok": True, "online": {uid: registry.is_online(uid) for uid in uids}}
+    return {"ok": True, "online": {uid: registry.is_online(uid) for uid in names(request, "uid")}}
 
 
 @command("stats")
 def stats(registry: Registry, request: dict) -> Result:
-    """Online uids, authenticated connections and connections still authenticating."""
+    """Online uids, authenticated connections, connections still authenticating, groups."""
     return {
         "ok": True,
         "uids": registry.online_count(),
         "connections": registry.connection_count(),
         "pending": registry.pending_count(),
+        "groups": registry.group_count(),
     }
 
 
-def execute(registry: Registry, request: object) -> tuple[Command, Result | Deferred[Result]]:
-    """Run a decoded request; raises RequestError for anything invalid."""
-    cmd = lookup(request)
-    return cmd, cmd.handler(registry, request)  # type: ignore[arg-type]
+@command("list")
+def list_online(registry: Registry, request: dict) -> Result:
+    """Online uids, sorted, a page at a time (``after`` the last uid of the previous page)."""
+    result = paged(registry.online_uids(), request)
+    result["total"] = registry.online_count()
+    return result
+
+
+@command("members")
+def members(registry: Registry, request: dict) -> Result:
+    """A group's member uids, sorted and paged, with how many there are and how many are online."""
+    group = request.get("group")
+    if not isinstance(group, str) or not group:
+        raise RequestError("group must be a non-empty string")
+    everyone = registry.members(group)
+    result = paged(everyone, request)
+    result["total"] = len(everyone)
+    result["online"] = sum(1 for uid in everyone if registry.is_online(uid))
+    return result
+
+
+@command("disconnect")
+def disconnect(registry: Registry, request: dict) -> Result:
+    """Close every connection of some uids (logout, ban) with a close code."""
+    uids = names(request, "uid")
+    code = request.get("code", DISCONNECT_CODE)
+    if code != 1000 and not (isinstance(code, int) and 3000 <= code <= 4999):
+        raise RequestError("code must be 1000 or an integer from 3000 to 4999")
+    reason = request.get("reason", DISCONNECT_REASON)
+    if not isinstance(reason, str) or len(reason.encode("utf-8")) > 123:
+        raise RequestError("reason must be a string of at most 123 bytes")
+    return {"ok": True, "closed": registry.disconnect(uids, code, reason)}

@@ -1,14 +1,15 @@
 """The registry: the single owner of who is connected.
 
 Both frontends hand it connections and ask it to deliver; nothing else keeps
-or mutates connection state.  A later cluster layer plugs in here: it wraps
-the same calls and adds routing across nodes.
+or mutates connection state.  A cluster layer plugs in here: it wraps the
+same calls and adds routing across nodes.
 """
 
 from __future__ import annotations
 
+import heapq
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from typing import Protocol
 
 from autobahn.websocket.protocol import PreparedMessage
@@ -16,11 +17,17 @@ from twisted.application.service import Service
 from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
+from pushsvc.metrics import Metrics
+
+NOBODY: frozenset[str] = frozenset()
+
 
 class Connection(Protocol):
     """What the registry needs from a client connection (an Autobahn protocol)."""
 
     def sendPreparedMessage(self, preparedMsg: PreparedMessage) -> None: ...
+
+    def sendClose(self, code: int | None = None, reason: str | None = None) -> None: ...
 
     def goAway(self) -> None:
         """Close with 1001 (going away): the server is shutting down."""
@@ -32,20 +39,29 @@ def frame(payload: bytes) -> PreparedMessage:
 
 
 class Registry(Service):
-    """Maps uid -> every live authenticated connection of that uid.
+    """Maps uid -> every live authenticated connection of that uid, and groups.
 
     Connections are *attached* when their WebSocket opens, *identified* when
     they authenticate and *detached* when they close.  Connections that are
     attached but not yet identified are kept in arrival order so the auth
     timeout can be enforced with one sweep instead of a timer per connection.
+
+    A group holds uids (joined by a backend; the membership covers the uid's
+    current and future connections and outlives them until the uid leaves)
+    and connections (joined through their token's ``groups`` claim, for as
+    long as that connection lives).
     """
 
     log = Logger()
 
     def __init__(self, drain_timeout: float = 5.0, clock=reactor) -> None:
+        self.metrics = Metrics()
         self._by_uid: dict[str, set[Connection]] = {}
         self._uid_of: dict[Connection, str] = {}
         self._anonymous: dict[Connection, float] = {}
+        self._group_uids: dict[str, set[str]] = {}
+        self._group_conns: dict[str, set[Connection]] = {}
+        self._conn_groups: dict[Connection, tuple[str, ...]] = {}
         self._drain_timeout = drain_timeout
         self._drained: defer.Deferred[None] | None = None
         self._clock = clock
@@ -56,8 +72,8 @@ class Registry(Service):
         """Note a new, not yet authenticated connection."""
         self._anonymous[conn] = time.monotonic()
 
-    def identify(self, conn: Connection, uid: str) -> None:
-        """Bind an attached connection to its uid; from now on pushes reach it."""
+    def identify(self, conn: Connection, uid: str, groups: Collection[str] = ()) -> None:
+        """Bind an attached connection to its uid (and token groups); pushes reach it now."""
         if self._anonymous.pop(conn, None) is None:
             return  # already closed or identified: nothing to bind
         self._uid_of[conn] = uid
@@ -66,6 +82,10 @@ class Registry(Service):
             self._by_uid[uid] = {conn}
         else:
             conns.add(conn)
+        if groups:
+            self._conn_groups[conn] = tuple(groups)
+            for group in groups:
+                self._group_conns.setdefault(group, set()).add(conn)
 
     def detach(self, conn: Connection) -> None:
         """Forget a closed connection (safe to call for unknown ones)."""
@@ -76,6 +96,11 @@ class Registry(Service):
                 conns.discard(conn)
                 if not conns:
                     del self._by_uid[uid]
+                for group in self._conn_groups.pop(conn, ()):
+                    members = self._group_conns[group]
+                    members.discard(conn)
+                    if not members:
+                        del self._group_conns[group]
         if self._drained is not None and not self._uid_of and not self._anonymous:
             drained, self._drained = self._drained, None
             drained.callback(None)
@@ -99,16 +124,83 @@ class Registry(Service):
                 for conn in conns:
                     conn.sendPreparedMessage(prepared)
                 reached += len(conns)
+        if reached:
+            self._sent(reached, len(payload))
         return reached
 
-    def broadcast(self, payload: bytes) -> int:
-        """Send ``payload`` to every authenticated connection."""
-        if not self._uid_of:
+    def push_groups(
+        self, groups: Iterable[str], payload: bytes, exclude: Collection[str] = NOBODY
+    ) -> int:
+        """Send ``payload`` once to every connection in any of ``groups``."""
+        targets: set[Connection] = set()
+        by_uid, uid_of = self._by_uid, self._uid_of
+        for group in groups:
+            for uid in self._group_uids.get(group, ()):
+                conns = by_uid.get(uid)
+                if conns and uid not in exclude:
+                    targets.update(conns)
+            for conn in self._group_conns.get(group, ()):
+                if uid_of[conn] not in exclude:
+                    targets.add(conn)
+        return self._send_all(targets, payload)
+
+    def broadcast(self, payload: bytes, exclude: Collection[str] = NOBODY) -> int:
+        """Send ``payload`` to every authenticated connection (but those of ``exclude``)."""
+        if exclude:
+            targets: Iterable[Connection] = [c for c, u in self._uid_of.items() if u not in exclude]
+        else:
+            targets = self._uid_of
+        return self._send_all(targets, payload)
+
+    def _send_all(self, conns: Collection[Connection], payload: bytes) -> int:
+        if not conns:
             return 0
         prepared = frame(payload)
-        for conn in self._uid_of:
+        for conn in conns:
             conn.sendPreparedMessage(prepared)
-        return len(self._uid_of)
+        self._sent(len(conns), len(payload))
+        return len(conns)
+
+    def _sent(self, frames: int, size: int) -> None:
+        metrics = self.metrics
+        metrics.frames_sent += frames
+        metrics.bytes_sent += frames * size
+
+    def disconnect(self, uids: Iterable[str], code: int, reason: str) -> int:
+        """Close every connection of ``uids`` (logout, ban); return how many."""
+        closing = [conn for uid in uids for conn in self._by_uid.get(uid, ())]
+        for conn in closing:
+            conn.sendClose(code, reason)
+        if closing:
+            self.metrics.disconnects["backend"] += len(closing)
+        return len(closing)
+
+    # -- groups --------------------------------------------------------------
+
+    def join(self, uids: Iterable[str], groups: Iterable[str]) -> None:
+        """Put uids in groups, for their current and future connections."""
+        uids = list(uids)
+        for group in groups:
+            self._group_uids.setdefault(group, set()).update(uids)
+
+    def leave(self, uids: Iterable[str], groups: Iterable[str]) -> None:
+        """Take uids out of groups (token memberships of live connections stay)."""
+        uids = list(uids)
+        for group in groups:
+            members = self._group_uids.get(group)
+            if members is not None:
+                members.difference_update(uids)
+                if not members:
+                    del self._group_uids[group]
+
+    def members(self, group: str) -> set[str]:
+        """Uids in a group: joined by a backend, or holding a connection with the group's token."""
+        members = set(self._group_uids.get(group, ()))
+        members.update(self._uid_of[conn] for conn in self._group_conns.get(group, ()))
+        return members
+
+    def group_count(self) -> int:
+        return len(self._group_uids.keys() | self._group_conns.keys())
 
     # -- presence ----------------------------------------------------------
 
@@ -126,6 +218,9 @@ class Registry(Service):
     def pending_count(self) -> int:
         """Number of connections that have not authenticated yet."""
         return len(self._anonymous)
+
+    def online_uids(self) -> Iterable[str]:
+        return self._by_uid.keys()
 
     def connections_of(self, uid: str) -> frozenset[Connection]:
         return frozenset(self._by_uid.get(uid, ()))
@@ -161,3 +256,16 @@ class Registry(Service):
             self.log.warn("drain timeout: {left} connection(s) still open", left=left)
             drained, self._drained = self._drained, None
             drained.callback(None)
+
+
+def page(uids: Iterable[str], after: str | None, limit: int) -> tuple[list[str], str | None]:
+    """One page of uids in sorted order after ``after``, and the cursor for the next page.
+
+    O(n log limit): no full sort of a million uids for a page of a hundred.
+    """
+    if after is not None:
+        uids = (u for u in uids if u > after)
+    chunk = heapq.nsmallest(limit + 1, uids)
+    if len(chunk) > limit:
+        return chunk[:limit], chunk[limit - 1]
+    return chunk, None

@@ -13,8 +13,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 from txaio.interfaces import log_levels
 
-from pushsvc.auth import SECRET_ENV, load_secret, make_authenticator
+from pushsvc.auth import API_KEY_ENV, SECRET_ENV, load_secret, make_authenticator
 from pushsvc.backend import BackendFactory
+from pushsvc.http import make_site
 from pushsvc.registry import Registry
 from pushsvc.websocket import PushServerFactory
 
@@ -45,14 +46,28 @@ class Options(usage.Options):
         ["ws-port", None, "1234", "WebSocket port or endpoint (all interfaces)."],
         ["text-port", None, "5678", "Backend line port or endpoint (127.0.0.1 only by default)."],
         [
+            "http-port",
+            None,
+            "8080",
+            "HTTP port or endpoint for the API, /healthz and /metrics "
+            "(127.0.0.1 only by default; 'off' to disable).",
+        ],
+        [
             "secret-file",
             None,
             None,
             f"File holding the HS256 JWT secret (or set ${SECRET_ENV}). "
             "Without one, the first frame is trusted as the uid.",
         ],
+        [
+            "api-key-file",
+            None,
+            None,
+            f"File holding the key the HTTP API requires (or set ${API_KEY_ENV}).",
+        ],
         ["auth-timeout", None, 10.0, "Seconds a connection may take to authenticate.", float],
         ["max-line", None, 65536, "Longest backend request line, in bytes.", int],
+        ["max-body", None, 65536, "Largest HTTP API request body, in bytes.", int],
         ["max-client-frame", None, 4096, "Largest frame a browser may send, in bytes.", int],
         ["ping-interval", None, 30.0, "Seconds between WebSocket pings (0: off).", float],
         ["ping-timeout", None, 10.0, "Seconds to wait for a pong before dropping.", float],
@@ -64,7 +79,7 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
-        for name in ("auth-timeout", "max-line", "max-client-frame", "drain-timeout"):
+        for name in ("auth-timeout", "max-line", "max-body", "max-client-frame", "drain-timeout"):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
         for name in ("ping-interval", "ping-timeout"):
@@ -73,9 +88,10 @@ class Options(usage.Options):
         if self["log-level"] not in log_levels:
             raise usage.UsageError(f"--log-level must be one of {', '.join(log_levels)}")
         try:
-            self["secret"] = load_secret(self["secret-file"])
+            self["secret"] = load_secret(self["secret-file"], SECRET_ENV)
+            self["api-key"] = load_secret(self["api-key-file"], API_KEY_ENV)
         except (OSError, ValueError) as e:
-            raise usage.UsageError(f"cannot read the secret: {e}") from None
+            raise usage.UsageError(f"cannot read a secret: {e}") from None
 
 
 def makeService(config: Options) -> service.MultiService:
@@ -111,4 +127,10 @@ def makeService(config: Options) -> service.MultiService:
 
     backend = BackendFactory(registry, max_line=config["max-line"])
     strports.service(endpoint(config["text-port"], "127.0.0.1"), backend).setServiceParent(top)
+
+    if config["http-port"] != "off":
+        site = make_site(registry, config["api-key"], max_body=config["max-body"])
+        strports.service(endpoint(config["http-port"], "127.0.0.1"), site).setServiceParent(top)
+        if config["api-key"] is None:
+            log.info("the HTTP API accepts requests without an API key")
     return top

@@ -63,9 +63,10 @@ class PushServerProtocol(WebSocketServerProtocol):
             self._refuse(e)
             return
         self.uid = identity.uid
-        self.factory.registry.identify(self, identity.uid)
+        self.factory.registry.identify(self, identity.uid, identity.groups)
 
     def _refuse(self, error: AuthError) -> None:
+        self.factory.registry.metrics.auth_failures[str(error.code)] += 1
         # Never log the credential itself: a token is a bearer secret.
         log.info("authentication failed from {peer}: {reason}", peer=self.peer, reason=error.reason)
         self.sendClose(error.code, error.reason[:120])

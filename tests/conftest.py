@@ -22,7 +22,7 @@ from websockets.sync.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = shutil.which("twistd") or str(Path(sys.executable).with_name("twistd"))
-STARTING = re.compile(rb"(PushServerFactory|BackendFactory) starting on (\d+)")
+STARTING = re.compile(rb"(PushServerFactory|BackendFactory|PushSite) starting on (\d+)")
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -51,12 +51,17 @@ class PushServer:
             "push",
             "--ws-port=tcp:0:interface=127.0.0.1",
             "--text-port=tcp:0:interface=127.0.0.1",
+            "--http-port=tcp:0:interface=127.0.0.1",
             *args,
         ]
+        self.args = args
         self.proc = subprocess.Popen(cmd, cwd=workdir, env=child_env(env))
-        self.ws_port, self.text_port = self._wait_for_ports()
+        ports = self._wait_for_ports()
+        self.ws_port = ports["PushServerFactory"]
+        self.text_port = ports["BackendFactory"]
+        self.http_port = ports.get("PushSite")
 
-    def _wait_for_ports(self, timeout: float = 20.0) -> tuple[int, int]:
+    def _wait_for_ports(self, timeout: float = 20.0) -> dict[str, int]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -64,8 +69,9 @@ class PushServer:
             ports = dict(
                 (name.decode(), int(port)) for name, port in STARTING.findall(self._log_bytes())
             )
-            if len(ports) == 2:
-                return ports["PushServerFactory"], ports["BackendFactory"]
+            expected = 2 if "--http-port=off" in self.args else 3
+            if len(ports) == expected:
+                return ports
             time.sleep(0.05)
         raise RuntimeError(f"twistd did not start listening:\n{self.log()}")
 
@@ -77,6 +83,10 @@ class PushServer:
 
     def log(self) -> str:
         return self._log_bytes().decode("utf-8", "replace")
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     @property
     def ws_url(self) -> str:

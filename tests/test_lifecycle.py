@@ -60,6 +60,7 @@ def test_daemon_mode_writes_pid_and_log(tmp_path: Path) -> None:
         "push",
         "--ws-port=tcp:0:interface=127.0.0.1",
         "--text-port=tcp:0:interface=127.0.0.1",
+        "--http-port=off",
     ]
     assert subprocess.run(cmd, cwd=tmp_path, env=env, timeout=30).returncode == 0
     pidfile = tmp_path / "push.pid"

@@ -1,0 +1,194 @@
+"""The HTTP port: the command model over HTTP, health and metrics.
+
+``POST /api/<command>`` takes the same JSON object as a line on the backend
+port and answers with the same result, as JSON with a status code.  The
+port binds 127.0.0.1 by default; an API key protects it when configured.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+
+from pushsvc import commands
+from pushsvc.metrics import MetricsCollector
+from pushsvc.registry import Registry
+
+log = Logger()
+
+JSON = b"application/json"
+
+
+class LimitedRequest(server.Request):
+    """A request that stops buffering its body past the site's ``max_body``.
+
+    Twisted would otherwise spool any body to disk before a resource sees it;
+    here an over-long body is dropped as it arrives and answered with 413.
+    """
+
+    too_large = False
+    _received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        limit = self.channel.site.max_body
+        if length is not None and length > limit:
+            self.too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self._received += len(data)
+        if self._received > self.channel.site.max_body:
+            self.too_large = True
+            self.content.seek(0)
+            self.content.truncate()
+            return
+        super().handleContentChunk(data)
+
+
+def reply(request: server.Request, status: int, body: dict[str, Any]) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", JSON)
+    request.setHeader(b"cache-control", b"no-store")
+    return orjson.dumps(body) + b"\n"
+
+
+class ApiResource(resource.Resource):
+    """``/api/<command>``: one command per request."""
+
+    isLeaf = True
+
+    def __init__(self, registry: Registry, api_key: bytes | None) -> None:
+        super().__init__()
+        self.registry = registry
+        self.api_key = api_key
+
+    def _authorized(self, request: server.Request) -> bool:
+        if self.api_key is None:
+            return True
+        given = request.getHeader(b"authorization") or b""
+        if given[:7].lower() == b"bearer ":
+            given = given[7:].strip()
+        else:
+            given = request.getHeader(b"x-api-key") or b""
+        return hmac.compare_digest(given, self.api_key)
+
+    def render(self, request: server.Request) -> bytes | int:
+        if not self._authorized(request):
+            log.info(
+                "HTTP API: refused a request without a valid API key from {peer}",
+                peer=request.getClientAddress(),
+            )
+            request.setHeader(b"www-authenticate", b'Bearer realm="pushsvc"')
+            return reply(request, 401, {"ok": False, "error": "missing or invalid API key"})
+        if len(request.postpath) != 1 or not request.postpath[0]:
+            return reply(request, 404, {"ok": False, "error": "use /api/<command>"})
+        if request.method != b"POST":
+            request.setHeader(b"allow", b"POST")
+            return reply(request, 405, {"ok": False, "error": "use POST"})
+        if getattr(request, "too_large", False):
+            limit = request.channel.site.max_body
+            return reply(request, 413, {"ok": False, "error": f"body larger than {limit} bytes"})
+        try:
+            name = request.postpath[0].decode("utf-8")
+        except UnicodeDecodeError:
+            return reply(request, 404, {"ok": False, "error": "unknown command"})
+        body = request.content.read()
+        try:
+            payload = orjson.loads(body) if body.strip() else {}
+        except orjson.JSONDecodeError as e:
+            return reply(request, 400, {"ok": False, "error": f"invalid JSON: {e}"})
+        rid = commands.request_id(payload)
+        try:
+            _, result = commands.execute(self.registry, payload, name)
+        except commands.UnknownCommand as e:
+            return reply(request, 404, {"ok": False, "error": e.reason})
+        except commands.RequestError as e:
+            return reply(request, 400, _with_id(rid, {"ok": False, "error": e.reason}))
+        if isinstance(result, Deferred):
+            result.addCallbacks(
+                lambda r: _finish(request, 200, _with_id(rid, r)),
+                lambda f: _finish(request, *_failure(f, rid)),
+            )
+            return server.NOT_DONE_YET
+        return reply(request, 200, _with_id(rid, result))
+
+
+def _with_id(rid: Any, result: dict[str, Any]) -> dict[str, Any]:
+    return result if rid is None else {"id": rid, **result}
+
+
+def _failure(failure: Failure, rid: Any) -> tuple[int, dict[str, Any]]:
+    if isinstance(failure.value, commands.RequestError):
+        return 400, _with_id(rid, {"ok": False, "error": failure.value.reason})
+    log.failure("command failed", failure)
+    return 500, _with_id(rid, {"ok": False, "error": "internal error"})
+
+
+def _finish(request: server.Request, status: int, body: dict[str, Any]) -> None:
+    if not request.finished and not request._disconnected:
+        request.write(reply(request, status, body))
+        request.finish()
+
+
+class HealthResource(resource.Resource):
+    """``/healthz``: 200 while serving, 503 once shutdown has begun."""
+
+    isLeaf = True
+
+    def __init__(self, registry: Registry) -> None:
+        super().__init__()
+        self.registry = registry
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", b"text/plain")
+        if self.registry.running:
+            return b"ok\n"
+        request.setResponseCode(503)
+        return b"stopping\n"
+
+
+class MetricsResource(resource.Resource):
+    """``/metrics`` in the Prometheus text format."""
+
+    isLeaf = True
+
+    def __init__(self, registry: Registry) -> None:
+        super().__init__()
+        self.collectors = CollectorRegistry(auto_describe=False)
+        self.collectors.register(MetricsCollector(registry))
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self.collectors)
+
+
+class PushSite(server.Site):
+    """The HTTP port's site: bounded request bodies and no access log line per request."""
+
+    requestFactory = LimitedRequest
+
+    def __init__(self, root: resource.Resource, max_body: int) -> None:
+        super().__init__(root)
+        self.max_body = max_body
+
+    def log(self, request: server.Request) -> None:
+        """No per-request log lines: /metrics counts what matters."""
+
+
+def make_site(registry: Registry, api_key: bytes | None, max_body: int = 65536) -> PushSite:
+    """The HTTP port's resource tree."""
+    root = resource.Resource()
+    root.putChild(b"api", ApiResource(registry, api_key))
+    root.putChild(b"healthz", HealthResource(registry))
+    root.putChild(b"metrics", MetricsResource(registry))
+    return PushSite(root, max_body)

@@ -1,0 +1,123 @@
+"""Counters for /metrics, kept as plain integers on the hot path.
+
+prometheus_client's own Counter takes a lock per increment; at a few
+microseconds per push that is a large share.  pushsvc counts in plain
+attributes and a custom collector turns them into Prometheus families only
+when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+if TYPE_CHECKING:
+    from pushsvc.registry import Registry
+
+# Seconds; a push is handled in microseconds unless something is wrong.
+PUSH_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.025, 0.1)
+
+
+class Metrics:
+    """What happened since start-up; every field is a monotonically growing count."""
+
+    def __init__(self) -> None:
+        self.pushes = {"delivered": 0, "offline": 0, "error": 0}
+        self.broadcasts = 0
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.auth_failures: Counter[str] = Counter()
+        self.backend_connections = 0
+        self.disconnects: Counter[str] = Counter()
+        self._push_counts = [0] * (len(PUSH_BUCKETS) + 1)
+        self._push_sum = 0.0
+
+    def observe_push(self, seconds: float) -> None:
+        """Record how long one push request took to handle."""
+        self._push_counts[bisect_left(PUSH_BUCKETS, seconds)] += 1
+        self._push_sum += seconds
+
+    def push_histogram(self) -> tuple[list[tuple[str, float]], float]:
+        """Cumulative (le, count) buckets and the sum, as Prometheus wants them."""
+        buckets = []
+        total = 0
+        for bound, count in zip((*PUSH_BUCKETS, float("inf")), self._push_counts, strict=True):
+            total += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return buckets, self._push_sum
+
+
+class MetricsCollector:
+    """A prometheus_client collector reading the registry and its Metrics at scrape time."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        reg, m = self.registry, self.registry.metrics
+        yield _gauge(
+            "pushsvc_connections", "Authenticated WebSocket connections.", reg.connection_count()
+        )
+        yield _gauge(
+            "pushsvc_pending_connections",
+            "WebSocket connections that have not authenticated yet.",
+            reg.pending_count(),
+        )
+        yield _gauge(
+            "pushsvc_online_uids", "Distinct uids with a live connection.", reg.online_count()
+        )
+        yield _gauge("pushsvc_groups", "Groups with at least one member.", reg.group_count())
+        yield _gauge(
+            "pushsvc_backend_connections", "Open backend line connections.", m.backend_connections
+        )
+        pushes = CounterMetricFamily(
+            "pushsvc_pushes", "Push requests by outcome.", labels=["outcome"]
+        )
+        for outcome, count in m.pushes.items():
+            pushes.add_metric([outcome], count)
+        yield pushes
+        yield CounterMetricFamily("pushsvc_broadcasts", "Broadcast requests.", value=m.broadcasts)
+        yield CounterMetricFamily(
+            "pushsvc_frames_sent", "Frames written to WebSocket connections.", value=m.frames_sent
+        )
+        yield CounterMetricFamily(
+            "pushsvc_bytes_sent",
+            "Payload bytes written to WebSocket connections.",
+            value=m.bytes_sent,
+        )
+        failures = CounterMetricFamily(
+            "pushsvc_auth_failures",
+            "Refused WebSocket authentications by close code.",
+            labels=["code"],
+        )
+        for code, count in sorted(m.auth_failures.items()):
+            failures.add_metric([code], count)
+        yield failures
+        disconnects = CounterMetricFamily(
+            "pushsvc_forced_disconnects",
+            "Connections closed by pushsvc, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in sorted(m.disconnects.items()):
+            disconnects.add_metric([reason], count)
+        yield disconnects
+        buckets, total = m.push_histogram()
+        yield HistogramMetricFamily(
+            "pushsvc_push_handling_seconds",
+            "Time to handle one push or broadcast request, excluding network I/O.",
+            buckets=buckets,
+            sum_value=total,
+        )
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
