@@ -358,32 +358,56 @@ def render_logs(results: dict[str, list[dict[str, Any]]], names: list[str]) -> s
 def profile_pushsvc(
     template: str, cfg: loadgen.Config, log_dir: Path, out_dir: Path, loop: Any
 ) -> str:
-    """Sample the server with py-spy while it serves unicast pushes; return top frames."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / "pushsvc-unicast.txt"
-    server = start_server(template, log_dir, "profile")
-    try:
+    """Sample the server with py-spy per phase (connect, unicast, broadcast).
 
-        async def load() -> None:
-            hub = loadgen.Hub(HOST, server.target.ws_port)
-            _, clients = await loadgen.scenario_connect(server.target, hub, cfg.clients, cfg)
-            spy = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(server.proc.pid), "--rate", "250",
-                 "--format", "raw", "-o", str(raw)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            await asyncio.sleep(1.0)  # py-spy attaches
-            for backends in (1, 8):
-                await loadgen.scenario_unicast(server.target, hub, clients, backends, cfg)
-            spy.send_signal(signal.SIGINT)
-            await asyncio.get_running_loop().run_in_executor(None, spy.wait)
+    Writes py-spy's collapsed stacks (``--format raw``, readable by
+    flamegraph.pl and speedscope) to ``out_dir`` and returns the top frames.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    server = start_server(template, log_dir, "profile")
+    pid = str(server.proc.pid)
+    raws: list[tuple[str, Path]] = []
+
+    async def sampled(phase: str, work: Any) -> Any:
+        raw = out_dir / f"pushsvc-{phase}.txt"
+        spy = subprocess.Popen(
+            ["py-spy", "record", "--pid", pid, "--rate", "250", "--format", "raw", "-o", str(raw)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        await asyncio.sleep(1.0)  # py-spy attaches; idle samples are dropped below
+        result = await work
+        spy.send_signal(signal.SIGINT)
+        await asyncio.get_running_loop().run_in_executor(None, spy.wait)
+        raws.append((phase, raw))
+        return result
+
+    async def load() -> None:
+        target = server.target
+        hub = loadgen.Hub(HOST, target.ws_port)
+        connect = loadgen.scenario_connect(target, hub, cfg.fanout_clients, cfg)
+        _, clients = await sampled("connect", connect)
+        try:
+            few = clients[: cfg.clients]
+
+            async def unicast() -> None:
+                for backends in (1, 8):
+                    await loadgen.scenario_unicast(target, hub, few, backends, cfg)
+
+            await sampled("unicast", unicast())
+            await sampled("broadcast", loadgen.scenario_broadcast(target, hub, clients, cfg))
+        finally:
             loadgen.close_clients(clients)
 
+    try:
         with asyncio.Runner(loop_factory=loop) as runner:
             runner.run(load())
     finally:
         stop_server(server)
-    return summarize_profile(raw)
+    parts = []
+    for phase, raw in raws:
+        parts.append(f"### {phase} ({raw.name})\n\n{summarize_profile(raw)}")
+    return "\n\n".join(parts)
 
 
 def summarize_profile(raw: Path, top: int = 15) -> str:
