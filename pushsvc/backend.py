@@ -16,6 +16,7 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
 
 from pushsvc import commands
 from pushsvc.registry import Registry
@@ -115,10 +116,17 @@ class BackendProtocol(LineReceiver):
             return error_line("internal error", rid)
         if isinstance(result, Deferred):
             return result.addCallbacks(
-                lambda r: result_line(cmd, r, rid),
-                lambda f: error_line(getattr(f.value, "reason", "internal error"), rid),
+                lambda r: result_line(cmd, r, rid), lambda f: self._failed(f, rid)
             )
         return result_line(cmd, result, rid)
+
+    def _failed(self, failure: Failure, rid: Any) -> bytes:
+        """An error reply for a command that failed later (in cluster mode, waiting on Redis)."""
+        reason = getattr(failure.value, "reason", None)
+        if reason is None:
+            self.log.failure("command failed", failure)
+            reason = "internal error"
+        return error_line(reason, rid)
 
     def lineLengthExceeded(self, line: bytes) -> None:  # pragma: no cover - not used
         """Over-long lines are answered in dataReceived; never drop the connection."""

@@ -21,7 +21,8 @@ from twisted.internet.defer import Deferred
 from pushsvc.registry import NOBODY, Registry, page
 
 Result = dict[str, Any]
-Handler = Callable[[Registry, dict], "Result | Deferred[Result]"]
+Reply = "Result | Deferred[Result]"
+Handler = Callable[[Registry, dict], Reply]
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
@@ -105,6 +106,14 @@ def execute(
     return cmd, result
 
 
+def count_push(registry: Registry) -> Callable[[Result], Result]:
+    def count(result: Result) -> Result:
+        registry.metrics.pushes["delivered" if result["ok"] else "offline"] += 1
+        return result
+
+    return count
+
+
 # -- field validation shared by the commands --------------------------------
 
 
@@ -148,13 +157,23 @@ def integer(request: dict, field: str, default: int, low: int, high: int) -> int
     return value
 
 
-def paged(uids: Any, request: dict) -> Result:
+def page_request(request: dict) -> tuple[str | None, int]:
+    """The ``after`` cursor and ``limit`` of a paged listing."""
     after = request.get("after")
     if after is not None and not isinstance(after, str):
         raise RequestError("after must be a string")
-    limit = integer(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
-    chunk, next_after = page(uids, after, limit)
-    return {"ok": True, "uids": chunk, "next": next_after}
+    return after, integer(request, "limit", DEFAULT_PAGE, 1, MAX_PAGE)
+
+
+def done(_: object) -> Result:
+    return {"ok": True}
+
+
+def then(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """Apply ``fn`` now, or when ``value`` arrives if it is a Deferred (cluster mode)."""
+    if isinstance(value, Deferred):
+        return value.addCallback(fn)
+    return fn(value)
 
 
 def delivery(reached: int) -> Result:
@@ -165,7 +184,7 @@ def delivery(reached: int) -> Result:
 
 
 @command("push", delivery=True)
-def push(registry: Registry, request: dict) -> Result:
+def push(registry: Registry, request: dict) -> Reply:
     """Send data to every connection of some uids, or of some groups' members."""
     if "group" in request:
         if "uid" in request:
@@ -178,73 +197,78 @@ def push(registry: Registry, request: dict) -> Result:
             skip = excluded(request)
             uids = [u for u in uids if u not in skip]
         reached = registry.push(uids, data)
-    registry.metrics.pushes["delivered" if reached else "offline"] += 1
-    return delivery(reached)
+    return then(then(reached, delivery), count_push(registry))
 
 
 @command("broadcast", delivery=True)
-def broadcast(registry: Registry, request: dict) -> Result:
+def broadcast(registry: Registry, request: dict) -> Reply:
     """Send data to every authenticated connection, but those of ``exclude``."""
-    reached = registry.broadcast(payload(request), excluded(request))
     registry.metrics.broadcasts += 1
-    return delivery(reached)
+    return then(registry.broadcast(payload(request), excluded(request)), delivery)
 
 
 @command("join")
-def join(registry: Registry, request: dict) -> Result:
+def join(registry: Registry, request: dict) -> Reply:
     """Put uids in groups: their current and future connections, until they leave."""
-    registry.join(names(request, "uid"), names(request, "group"))
-    return {"ok": True}
+    return then(registry.join(names(request, "uid"), names(request, "group")), done)
 
 
 @command("leave")
-def leave(registry: Registry, request: dict) -> Result:
+def leave(registry: Registry, request: dict) -> Reply:
     """Take uids out of groups."""
-    registry.leave(names(request, "uid"), names(request, "group"))
-    return {"ok": True}
+    return then(registry.leave(names(request, "uid"), names(request, "group")), done)
 
 
 @command("online")
-def online(registry: Registry, request: dict) -> Result:
+def online(registry: Registry, request: dict) -> Reply:
     """Which of the given uids have at least one live connection."""
-    return {"ok": True, "online": {uid: registry.is_online(uid) for uid in names(request, "uid")}}
+    return then(
+        registry.online(names(request, "uid")), lambda online: {"ok": True, "online": online}
+    )
 
 
 @command("stats")
-def stats(registry: Registry, request: dict) -> Result:
+def stats(registry: Registry, request: dict) -> Reply:
     """Online uids, authenticated connections, connections still authenticating, groups."""
-    return {
-        "ok": True,
-        "uids": registry.online_count(),
-        "connections": registry.connection_count(),
-        "pending": registry.pending_count(),
-        "groups": registry.group_count(),
-    }
+    return then(registry.counts(), lambda counts: {"ok": True, **counts})
 
 
 @command("list")
-def list_online(registry: Registry, request: dict) -> Result:
+def list_online(registry: Registry, request: dict) -> Reply:
     """Online uids, sorted, a page at a time (``after`` the last uid of the previous page)."""
-    result = paged(registry.online_uids(), request)
-    result["total"] = registry.online_count()
-    return result
+    after, limit = page_request(request)
+
+    def listing(found: tuple[list[str], str | None, int]) -> Result:
+        chunk, next_after, total = found
+        return {"ok": True, "uids": chunk, "next": next_after, "total": total}
+
+    return then(registry.list_online(after, limit), listing)
 
 
 @command("members")
-def members(registry: Registry, request: dict) -> Result:
+def members(registry: Registry, request: dict) -> Reply:
     """A group's member uids, sorted and paged, with how many there are and how many are online."""
     group = request.get("group")
     if not isinstance(group, str) or not group:
         raise RequestError("group must be a non-empty string")
+    after, limit = page_request(request)
     everyone = registry.members(group)
-    result = paged(everyone, request)
-    result["total"] = len(everyone)
-    result["online"] = sum(1 for uid in everyone if registry.is_online(uid))
-    return result
+    chunk, next_after = page(everyone, after, limit)
+
+    def listing(online: dict[str, bool]) -> Result:
+        return {
+            "ok": True,
+            "uids": chunk,
+            "next": next_after,
+            "total": len(everyone),
+            "online": sum(online.values()),
+        }
+
+    return then(registry.online(list(everyone)), listing)
 
 
 @command("disconnect")
-def disconnect(registry: Registry, request: dict) -> Result:
+def disconnect(registry: Registry, request: dict) -> Reply:
     """Close every connection of some uids (logout, ban) with a close code."""
     uids = names(request, "uid")
     code = request.get("code", DISCONNECT_CODE)
@@ -253,4 +277,4 @@ def disconnect(registry: Registry, request: dict) -> Result:
     reason = request.get("reason", DISCONNECT_REASON)
     if not isinstance(reason, str) or len(reason.encode("utf-8")) > 123:
         raise RequestError("reason must be a string of at most 123 bytes")
-    return {"ok": True, "closed": registry.disconnect(uids, code, reason)}
+    return then(registry.disconnect(uids, code, reason), lambda n: {"ok": True, "closed": n})

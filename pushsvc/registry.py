@@ -10,7 +10,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Collection, Iterable, Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from autobahn.websocket.protocol import PreparedMessage
 from twisted.application.service import Service
@@ -18,6 +18,9 @@ from twisted.internet import defer, reactor
 from twisted.logger import Logger
 
 from pushsvc.metrics import Metrics
+
+if TYPE_CHECKING:
+    from pushsvc.cluster import Cluster
 
 NOBODY: frozenset[str] = frozenset()
 
@@ -65,6 +68,10 @@ class Registry(Service):
         self._drain_timeout = drain_timeout
         self._drained: defer.Deferred[None] | None = None
         self._clock = clock
+        # Set by the cluster layer (pushsvc.cluster) when --redis is given:
+        # then every public delivery and presence call also routes through
+        # Redis, and the results may be Deferreds.
+        self.cluster: Cluster | None = None
 
     # -- connection lifecycle (called by the WebSocket frontend) ---------
 
@@ -80,6 +87,8 @@ class Registry(Service):
         conns = self._by_uid.get(uid)
         if conns is None:
             self._by_uid[uid] = {conn}
+            if self.cluster is not None:
+                self.cluster.uid_online(uid)
         else:
             conns.add(conn)
         if groups:
@@ -96,6 +105,8 @@ class Registry(Service):
                 conns.discard(conn)
                 if not conns:
                     del self._by_uid[uid]
+                    if self.cluster is not None:
+                        self.cluster.uid_offline(uid)
                 for group in self._conn_groups.pop(conn, ()):
                     members = self._group_conns[group]
                     members.discard(conn)
@@ -109,10 +120,90 @@ class Registry(Service):
         """Unauthenticated connections with their open time, oldest first."""
         return iter(list(self._anonymous.items()))
 
-    # -- delivery (called through the command model) ----------------------
+    # -- the public API: what the command model calls -----------------------
+    #
+    # Each call acts on this node's connections at once; with a cluster it
+    # also routes through Redis and may return a Deferred of the cluster-wide
+    # result.  Without a cluster the results are plain values.
 
-    def push(self, uids: Iterable[str], payload: bytes) -> int:
-        """Send ``payload`` to every connection of each uid; return how many were reached."""
+    def push(self, uids: list[str], payload: bytes) -> int | defer.Deferred[int]:
+        """Send ``payload`` to every connection of each uid; how many were reached."""
+        reached = self.local_push(uids, payload)
+        if self.cluster is None:
+            return reached
+        return self.cluster.push(uids, payload, reached)
+
+    def push_groups(
+        self, groups: list[str], payload: bytes, exclude: Collection[str] = NOBODY
+    ) -> int | defer.Deferred[int]:
+        """Send ``payload`` once to every connection in any of ``groups``."""
+        reached = self.local_push_groups(groups, payload, exclude)
+        if self.cluster is None:
+            return reached
+        return self.cluster.fan_out("group", reached, groups=groups, exclude=exclude, data=payload)
+
+    def broadcast(
+        self, payload: bytes, exclude: Collection[str] = NOBODY
+    ) -> int | defer.Deferred[int]:
+        """Send ``payload`` to every authenticated connection (but those of ``exclude``)."""
+        reached = self.local_broadcast(payload, exclude)
+        if self.cluster is None:
+            return reached
+        return self.cluster.fan_out("broadcast", reached, exclude=exclude, data=payload)
+
+    def disconnect(self, uids: list[str], code: int, reason: str) -> int | defer.Deferred[int]:
+        """Close every connection of ``uids`` (logout, ban); how many were closed."""
+        closed = self.local_disconnect(uids, code, reason)
+        if self.cluster is None:
+            return closed
+        return self.cluster.fan_out("disconnect", closed, uids=uids, code=code, reason=reason)
+
+    def join(self, uids: list[str], groups: list[str]) -> None | defer.Deferred[None]:
+        """Put uids in groups, for their current and future connections."""
+        self.local_join(uids, groups)
+        if self.cluster is not None:
+            return self.cluster.membership("join", uids, groups)
+        return None
+
+    def leave(self, uids: list[str], groups: list[str]) -> None | defer.Deferred[None]:
+        """Take uids out of groups."""
+        self.local_leave(uids, groups)
+        if self.cluster is not None:
+            return self.cluster.membership("leave", uids, groups)
+        return None
+
+    def online(self, uids: list[str]) -> dict[str, bool] | defer.Deferred[dict[str, bool]]:
+        """Which of ``uids`` have a live connection (anywhere in the cluster)."""
+        local = {uid: uid in self._by_uid for uid in uids}
+        if self.cluster is None or all(local.values()):
+            return local
+        return self.cluster.online(local)
+
+    def counts(self) -> dict[str, int] | defer.Deferred[dict[str, int]]:
+        """Online uids, connections, pending connections and groups."""
+        local = {
+            "uids": len(self._by_uid),
+            "connections": len(self._uid_of),
+            "pending": len(self._anonymous),
+            "groups": self.group_count(),
+        }
+        if self.cluster is None:
+            return local
+        return self.cluster.counts(local)
+
+    def list_online(
+        self, after: str | None, limit: int
+    ) -> tuple[list[str], str | None, int] | defer.Deferred[tuple[list[str], str | None, int]]:
+        """A page of online uids, the cursor for the next page, and how many there are."""
+        if self.cluster is not None:
+            return self.cluster.list_online(after, limit)
+        chunk, next_after = page(self._by_uid.keys(), after, limit)
+        return chunk, next_after, len(self._by_uid)
+
+    # -- local delivery (this node's connections only) -----------------------
+
+    def local_push(self, uids: Iterable[str], payload: bytes) -> int:
+        """Send ``payload`` to every local connection of each uid; return how many."""
         prepared = None
         reached = 0
         by_uid = self._by_uid
@@ -128,7 +219,7 @@ class Registry(Service):
             self._sent(reached, len(payload))
         return reached
 
-    def push_groups(
+    def local_push_groups(
         self, groups: Iterable[str], payload: bytes, exclude: Collection[str] = NOBODY
     ) -> int:
         """Send ``payload`` once to every connection in any of ``groups``."""
@@ -144,7 +235,7 @@ class Registry(Service):
                     targets.add(conn)
         return self._send_all(targets, payload)
 
-    def broadcast(self, payload: bytes, exclude: Collection[str] = NOBODY) -> int:
+    def local_broadcast(self, payload: bytes, exclude: Collection[str] = NOBODY) -> int:
         """Send ``payload`` to every authenticated connection (but those of ``exclude``)."""
         if exclude:
             targets: Iterable[Connection] = [c for c, u in self._uid_of.items() if u not in exclude]
@@ -166,7 +257,7 @@ class Registry(Service):
         metrics.frames_sent += frames
         metrics.bytes_sent += frames * size
 
-    def disconnect(self, uids: Iterable[str], code: int, reason: str) -> int:
+    def local_disconnect(self, uids: Iterable[str], code: int, reason: str) -> int:
         """Close every connection of ``uids`` (logout, ban); return how many."""
         closing = [conn for uid in uids for conn in self._by_uid.get(uid, ())]
         for conn in closing:
@@ -177,13 +268,13 @@ class Registry(Service):
 
     # -- groups --------------------------------------------------------------
 
-    def join(self, uids: Iterable[str], groups: Iterable[str]) -> None:
+    def local_join(self, uids: Iterable[str], groups: Iterable[str]) -> None:
         """Put uids in groups, for their current and future connections."""
         uids = list(uids)
         for group in groups:
             self._group_uids.setdefault(group, set()).update(uids)
 
-    def leave(self, uids: Iterable[str], groups: Iterable[str]) -> None:
+    def local_leave(self, uids: Iterable[str], groups: Iterable[str]) -> None:
         """Take uids out of groups (token memberships of live connections stay)."""
         uids = list(uids)
         for group in groups:
@@ -192,6 +283,10 @@ class Registry(Service):
                 members.difference_update(uids)
                 if not members:
                     del self._group_uids[group]
+
+    def replace_joined(self, groups: dict[str, set[str]]) -> None:
+        """Adopt the cluster's memberships (after a Redis connect: leaves may have been missed)."""
+        self._group_uids = {group: set(uids) for group, uids in groups.items() if uids}
 
     def members(self, group: str) -> set[str]:
         """Uids in a group: joined by a backend, or holding a connection with the group's token."""
