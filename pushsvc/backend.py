@@ -71,6 +71,10 @@ class BackendProtocol(LineReceiver):
         self.registry.metrics.backend_connections += 1
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
+        # Backpressure: a backend that writes requests but does not read its
+        # replies makes Twisted pause us (LineReceiver's pauseProducing stops
+        # reading from the socket) instead of buffering replies without bound.
+        self.transport.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> None:
         buf = self._buffer + data if self._buffer else data

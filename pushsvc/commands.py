@@ -272,7 +272,11 @@ def disconnect(registry: Registry, request: dict) -> Reply:
     """Close every connection of some uids (logout, ban) with a close code."""
     uids = names(request, "uid")
     code = request.get("code", DISCONNECT_CODE)
-    if code != 1000 and not (isinstance(code, int) and 3000 <= code <= 4999):
+    if (
+        not isinstance(code, int)
+        or isinstance(code, bool)
+        or not (code == 1000 or 3000 <= code <= 4999)
+    ):
         raise RequestError("code must be 1000 or an integer from 3000 to 4999")
     reason = request.get("reason", DISCONNECT_REASON)
     if not isinstance(reason, str) or len(reason.encode("utf-8")) > 123:

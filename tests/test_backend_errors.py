@@ -102,3 +102,35 @@ def test_backend_that_vanishes_mid_line_harms_nobody(server: PushServer) -> None
     b.close()
     with server.backend() as b2:
         assert b2.request('{"uid":"nobody","data":"x"}') == b"fail"
+
+
+def test_backend_that_never_reads_its_replies_is_paused(server: PushServer) -> None:
+    """The server stops reading instead of buffering replies without bound."""
+    import threading
+
+    line = b'{"uid":"nobody-reads","data":"x"}\n'
+    chunk = line * 10_000
+    with server.backend() as b:
+        b.sock.settimeout(3)
+        sent = 0
+        with pytest.raises(TimeoutError):
+            while sent < 200 * len(chunk):  # ~70 MB of requests, ~10 MB of replies
+                b.sock.sendall(chunk)
+                sent += len(chunk)
+        # Blocked well before everything was accepted: the server paused reading.
+        assert sent < 200 * len(chunk)
+        lines_sent = sent // len(line)
+        replies: list[int] = []
+
+        def drain() -> None:
+            count = 0
+            while count < lines_sent:
+                reply = b.line()
+                assert reply == b"fail\n", reply
+                count += 1
+            replies.append(count)
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        reader.join(60)
+        assert replies and replies[0] >= lines_sent - 10_000

@@ -125,6 +125,11 @@ CASES: list[tuple[dict, int, dict]] = [
         400,
         {"ok": False, "error": "code must be 1000 or an integer from 3000 to 4999"},
     ),
+    (
+        {"cmd": "disconnect", "uid": "bob", "code": 1000.0},
+        400,
+        {"ok": False, "error": "code must be 1000 or an integer from 3000 to 4999"},
+    ),
     ({"cmd": "frobnicate"}, 404, {"ok": False, "error": "unknown command 'frobnicate'"}),
     # last: changes who is online
     (
