@@ -59,7 +59,7 @@ async def ws_handler(ws: ServerConnection) -> None:
 def message_text(request: dict[str, Any]) -> str:
     """Return the text a request pushes: a string as-is, anything else as JSON."""
     value = request["percent"] if "percent" in request else request.get("data", "")
-    return value if isinstance(value, str) else json.dumps(value)
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 async def push_to_uid(uid: Any, text: str) -> bool:

@@ -9,7 +9,7 @@ with the ratio.
     python bench/run.py            # full run, 3 repetitions (a few minutes)
     python bench/run.py --quick    # regression check, well under a minute
     python bench/run.py --max      # also connect as many clients as fds allow
-    python bench/run.py --profile bench/results   # py-spy profile of pushsvc
+    python bench/run.py --profile /tmp/pushsvc-profile   # plus a py-spy profile
 
 ``--server-cmd`` measures any implementation of the protocol instead of
 pushsvc; ``{ws_port}`` and ``{text_port}`` are substituted and the command
@@ -410,10 +410,23 @@ def profile_pushsvc(
     return "\n\n".join(parts)
 
 
+# Known costs of a Twisted + Autobahn server, matched by substring in any frame
+# of a sample: their inclusive share tells where the time goes at a glance.
+HOT_SPOTS = {
+    "socket send (Connection.writeSomeData)": ("Connection.writeSomeData (",),
+    "epoll_ctl per write (addWriter/removeWriter)": ("addWriter (", "removeWriter ("),
+    "Autobahn debug-log arguments built per send (hltype/hlval)": ("hltype (", "hlval ("),
+    "Autobahn debug-log pformat per connection": ("pformat (pprint",),
+    "Autobahn opening handshake (processHandshake)": ("processHandshake (",),
+    "backend line handling (BackendProtocol.lineReceived)": ("BackendProtocol.lineReceived (",),
+}
+
+
 def summarize_profile(raw: Path, top: int = 15) -> str:
     """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
     own: Counter[str] = Counter()
     total: Counter[str] = Counter()
+    spots: Counter[str] = Counter()
     samples = 0
     busy = 0
     for line in raw.read_text().splitlines():
@@ -427,11 +440,21 @@ def summarize_profile(raw: Path, top: int = 15) -> str:
         own[frames[-1]] += count
         for frame in set(frames):
             total[frame] += count
+        for label, needles in HOT_SPOTS.items():
+            if any(n in frame for frame in frames for n in needles):
+                spots[label] += count
     lines = [f"{samples} samples, {100 * busy / max(samples, 1):.0f}% not waiting in epoll", ""]
+    lines += ["| inclusive % | known hot spot |", "|---:|---|"]
+    for label, hits in spots.most_common():
+        lines.append(f"| {100 * hits / busy:.1f} | {label} |")
+    lines.append("")
     lines += ["| self % | function |", "|---:|---|"]
     lines += [f"| {100 * c / busy:.1f} | `{f}` |" for f, c in own.most_common(top)]
     lines += ["", "| inclusive % | function |", "|---:|---|"]
-    skip = ("<module>", "run (", "runApp", "mainLoop", "startReactor", "postApplication")
+    skip = (
+        "<module>", "run (", "runApp", "mainLoop", "startReactor", "postApplication",
+        "runReactorWithLogging", "doPoll", "callWithLogger", "callWithContext",
+    )  # fmt: skip
     inclusive = [(f, c) for f, c in total.most_common() if not any(s in f for s in skip)]
     lines += [f"| {100 * c / busy:.1f} | `{f}` |" for f, c in inclusive[:top]]
     return "\n".join(lines)
@@ -474,7 +497,9 @@ def main() -> None:
     """Parse options, run every session against every server, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small N, one repetition")
-    parser.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
+    parser.add_argument(
+        "--reps", type=int, help="repetitions (default 3, quick 1; 0 with --profile: profile only)"
+    )
     parser.add_argument("--max", action="store_true", help="add the fd-limited connect test")
     parser.add_argument("--max-cap", type=int, default=50000, help="upper bound for --max")
     parser.add_argument("--server-cmd", help="measure this command instead of pushsvc")
@@ -490,7 +515,7 @@ def main() -> None:
     else:
         print("warning: one CPU only; generator and server share it", file=sys.stderr)
     cfg = build_config(args, fd_limit)
-    reps = args.reps or (1 if args.quick else 3)
+    reps = args.reps if args.reps is not None else (1 if args.quick else 3)
     loop = new_loop_factory(args.loop)
 
     candidate = args.server_name or ("custom" if args.server_cmd else "pushsvc")
@@ -506,7 +531,8 @@ def main() -> None:
     info = machine()
     print(
         f"# {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}; "
-        f"fd limit {fd_limit}; generator loop {loop.__module__}; {reps} repetition(s)",
+        f"fd limit {fd_limit}; generator loop {loop.__module__}; {reps} repetition(s); "
+        f"load average at start {Path('/proc/loadavg').read_text().split()[0]}",
         flush=True,
     )
     sessions = ["unicast", "fanout"] + (["max"] if cfg.max_clients else [])
@@ -526,16 +552,21 @@ def main() -> None:
         if args.profile and candidate in servers:
             profile = profile_pushsvc(servers[candidate], cfg, log_dir, args.profile, loop)
 
+    if reps == 0:
+        print(f"\npy-spy profile of {candidate} ({args.profile}):\n\n{profile}")
+        return
     print()
     print(render_table(results, names, cfg))
     print()
-    print("CPU busy during each measured window (median):")
+    print("CPU busy during each measured window (median). In the throughput rows the")
+    print("server should be near 100 %; much less means it waited for the generator or")
+    print("lost core 0 to another process (re-run on a quieter machine):")
     print()
     print(render_busy(results, names))
     print()
     print(render_logs(results, names))
     if profile:
-        print(f"\npy-spy profile of {candidate} under unicast load ({args.profile}):\n")
+        print(f"\npy-spy profile of {candidate} ({args.profile}):\n")
         print(profile)
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "results": results}, indent=1))
