@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pushsvc import __version__
+from pushsvc import __version__, demo
 from pushsvc.client import (
     DEFAULT_HOST,
     DEFAULT_PORT,
@@ -167,6 +167,13 @@ def run_stats(args: argparse.Namespace) -> int:
     with client(args) as c:
         print_json(c.stats())
     return OK
+
+
+@subcommand("demo", demo.add_arguments)
+def run_demo(args: argparse.Namespace) -> int:
+    """Push a task's progress, 0 to 100 percent, to --uid for the /demo page to show."""
+    address = client(args)  # only for the address the options and environment say
+    return demo.run(address.host, address.port, args)
 
 
 # -- entry point -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The HTTP port: the command model over HTTP, health and metrics.
+"""The HTTP port: the command model over HTTP, health and metrics, and the browser side.
 
 ``POST /api/<command>`` takes the same JSON object as a line on the backend
 port and answers with the same result, as JSON with a status code.  The
@@ -17,9 +17,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
-from pushsvc import commands
+from pushsvc import browser, commands
 from pushsvc.metrics import MetricsCollector
 from pushsvc.registry import Registry
+from pushsvc.websocket import PushServerFactory
 
 log = Logger()
 
@@ -185,10 +186,19 @@ class PushSite(server.Site):
         """No per-request log lines: /metrics counts what matters."""
 
 
-def make_site(registry: Registry, api_key: bytes | None, max_body: int = 65536) -> PushSite:
-    """The HTTP port's resource tree."""
+def make_site(
+    registry: Registry,
+    api_key: bytes | None,
+    max_body: int = 65536,
+    ws_factory: PushServerFactory | None = None,
+) -> PushSite:
+    """The HTTP port's resource tree; ``ws_factory`` serves WebSockets at ``/ws``.
+
+    The browser side (``/push.js``, ``/demo``, ``/ws``) lives in browser.py.
+    """
     root = resource.Resource()
     root.putChild(b"api", ApiResource(registry, api_key))
     root.putChild(b"healthz", HealthResource(registry))
     root.putChild(b"metrics", MetricsResource(registry))
+    browser.add_resources(root, ws_factory)
     return PushSite(root, max_body)

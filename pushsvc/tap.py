@@ -15,6 +15,7 @@ from txaio.interfaces import log_levels
 
 from pushsvc.auth import API_KEY_ENV, SECRET_ENV, load_secret, make_authenticator
 from pushsvc.backend import BackendFactory
+from pushsvc.browser import FactoryService
 from pushsvc.http import make_site
 from pushsvc.registry import Registry
 from pushsvc.websocket import PushServerFactory
@@ -49,7 +50,8 @@ class Options(usage.Options):
             "http-port",
             None,
             "8080",
-            "HTTP port or endpoint for the API, /healthz and /metrics "
+            "HTTP port or endpoint for the API, /healthz, /metrics and the browser side "
+            "(/ws, /push.js, /demo) "
             "(127.0.0.1 only by default; 'off' to disable).",
         ],
         [
@@ -129,7 +131,12 @@ def makeService(config: Options) -> service.MultiService:
     strports.service(endpoint(config["text-port"], "127.0.0.1"), backend).setServiceParent(top)
 
     if config["http-port"] != "off":
-        site = make_site(registry, config["api-key"], max_body=config["max-body"])
+        # /ws on the HTTP port shares the --ws-port factory (same registry, auth
+        # policy and sweeper); no port starts it for the resource, so a service does.
+        FactoryService(ws_factory).setServiceParent(top)
+        site = make_site(
+            registry, config["api-key"], max_body=config["max-body"], ws_factory=ws_factory
+        )
         strports.service(endpoint(config["http-port"], "127.0.0.1"), site).setServiceParent(top)
         if config["api-key"] is None:
             log.info("the HTTP API accepts requests without an API key")
