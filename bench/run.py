@@ -283,13 +283,30 @@ def table_rows(cfg: loadgen.Config) -> list[tuple[str, list[Row]]]:
     return groups
 
 
+# A rate measured while the server had less than this share of its core says
+# more about the machine (or the generator) than about the server.
+SATURATED_PCT = 80.0
+
+
 def median_cell(runs: list[dict[str, Any]], key: str, fig: str) -> tuple[float | None, str]:
-    """Median over repetitions plus a marker if any repetition was generator-bound."""
-    values = [r[key][fig] for r in runs if key in r]
-    if not values:
+    """Median over repetitions, with a marker when the figure is not the server's.
+
+    "generator-bound": some repetition had the generator at ~100 % of its
+    core.  "server <80 % busy": a rate taken while the server was not
+    saturated (it waited on something else, or lost its core to another
+    process), so it is not the server's capacity.
+    """
+    runs = [r[key] for r in runs if key in r]
+    if not runs:
         return None, ""
-    gen_bound = any(r[key].get("generator_bound") for r in runs if key in r)
-    return statistics.median(values), (" (generator-bound)" if gen_bound else "")
+    marks = []
+    if any(r.get("generator_bound") for r in runs):
+        marks.append("generator-bound")
+    is_rate = fig.endswith("_per_s") and key != "latency"
+    if is_rate and statistics.median(r["server_cpu_pct"] for r in runs) < SATURATED_PCT:
+        marks.append(f"server <{SATURATED_PCT:.0f} % busy")
+    marker = f" ({', '.join(marks)})" if marks else ""
+    return statistics.median(r[fig] for r in runs), marker
 
 
 def render_table(
@@ -418,7 +435,9 @@ HOT_SPOTS = {
     "Autobahn debug-log arguments built per send (hltype/hlval)": ("hltype (", "hlval ("),
     "Autobahn debug-log pformat per connection": ("pformat (pprint",),
     "Autobahn opening handshake (processHandshake)": ("processHandshake (",),
-    "backend line handling (BackendProtocol.lineReceived)": ("BackendProtocol.lineReceived (",),
+    "backend request incl. its push (BackendProtocol.lineReceived)": (
+        "BackendProtocol.lineReceived (",
+    ),
 }
 
 

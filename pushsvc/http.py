@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from pushsvc import browser, commands
+from pushsvc.access import FailureThrottle
 from pushsvc.metrics import MetricsCollector
 from pushsvc.registry import Registry
 from pushsvc.websocket import PushServerFactory
@@ -68,10 +69,13 @@ class ApiResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: Registry, api_key: bytes | None) -> None:
+    def __init__(
+        self, registry: Registry, api_key: bytes | None, throttle: FailureThrottle | None = None
+    ) -> None:
         super().__init__()
         self.registry = registry
         self.api_key = api_key
+        self.throttle = throttle
 
     def _authorized(self, request: server.Request) -> bool:
         if self.api_key is None:
@@ -83,12 +87,29 @@ class ApiResource(resource.Resource):
             given = request.getHeader(b"x-api-key") or b""
         return hmac.compare_digest(given, self.api_key)
 
-    def render(self, request: server.Request) -> bytes | int:
+    def _blocked(self, request: server.Request) -> bytes | None:
+        """429 for an IP with too many failed API keys; counts this request if its key is bad."""
+        if self.api_key is None or self.throttle is None:
+            return None
+        ip = getattr(request.getClientAddress(), "host", "?")
+        if self.throttle.blocked(ip):
+            request.setHeader(b"retry-after", b"%d" % self.throttle.retry_after(ip))
+            error = "too many failed authentication attempts"
+            return reply(request, 429, {"ok": False, "error": error})
         if not self._authorized(request):
-            log.info(
-                "HTTP API: refused a request without a valid API key from {peer}",
-                peer=request.getClientAddress(),
-            )
+            self.throttle.failed(ip, "HTTP API: refused a request without a valid API key")
+        return None
+
+    def render(self, request: server.Request) -> bytes | int:
+        blocked = self._blocked(request)
+        if blocked is not None:
+            return blocked
+        if not self._authorized(request):
+            if self.throttle is None:
+                log.info(
+                    "HTTP API: refused a request without a valid API key from {peer}",
+                    peer=request.getClientAddress(),
+                )
             request.setHeader(b"www-authenticate", b'Bearer realm="pushsvc"')
             return reply(request, 401, {"ok": False, "error": "missing or invalid API key"})
         if len(request.postpath) != 1 or not request.postpath[0]:
@@ -193,11 +214,12 @@ def make_site(
     ws_factory: PushServerFactory | None = None,
 ) -> PushSite:
     """The HTTP port's resource tree; ``ws_factory`` serves WebSockets at ``/ws``.
+    throttle: FailureThrottle | None = None,
 
     The browser side (``/push.js``, ``/demo``, ``/ws``) lives in browser.py.
     """
     root = resource.Resource()
-    root.putChild(b"api", ApiResource(registry, api_key))
+    root.putChild(b"api", ApiResource(registry, api_key, throttle))
     root.putChild(b"healthz", HealthResource(registry))
     root.putChild(b"metrics", MetricsResource(registry))
     browser.add_resources(root, ws_factory)

@@ -13,10 +13,12 @@ from twisted.logger import Logger
 from twisted.python import usage
 from txaio.interfaces import log_levels
 
+from pushsvc.access import BACKEND_SECRET_ENV, BackendGate, FailureThrottle, OriginPolicy
 from pushsvc.auth import API_KEY_ENV, SECRET_ENV, load_secret, make_authenticator
 from pushsvc.backend import BackendFactory
 from pushsvc.browser import FactoryService
 from pushsvc.http import make_site
+from pushsvc.limits import DEFAULT_MAX_QUEUE, default_max_connections
 from pushsvc.registry import Registry
 from pushsvc.websocket import PushServerFactory
 
@@ -33,6 +35,97 @@ def endpoint(value: str, interface: str | None = None) -> str:
             desc += f":interface={interface}"
         return desc
     return value
+
+
+# Limits and access control (docs/security.md lists each with its error or close code).
+LIMIT_PARAMETERS = [
+    [
+        "drain-window",
+        None,
+        2.0,
+        "Seconds over which shutdown spreads its 1001 closes, in random order (0: all at once).",
+        float,
+    ],
+    [
+        "max-queue",
+        None,
+        DEFAULT_MAX_QUEUE,
+        "Bytes a WebSocket may have waiting beyond the socket buffer before it is closed "
+        "as a slow consumer (4010; 0: no limit).",
+        int,
+    ],
+    [
+        "max-connections",
+        None,
+        0,
+        "WebSocket connections in all; more get HTTP 503 (0: the fd limit minus 100).",
+        int,
+    ],
+    ["max-per-uid", None, 0, "Connections per uid; more are closed with 4029 (0: no limit).", int],
+    ["max-per-ip", None, 0, "Connections per client IP; more get HTTP 429 (0: no limit).", int],
+    [
+        "trust-x-forwarded-for",
+        None,
+        0,
+        "Proxies in front of --ws-port whose X-Forwarded-For entries give the client IP "
+        "(0: ignore the header).",
+        int,
+    ],
+    [
+        "client-rate",
+        None,
+        10.0,
+        "Frames a second a browser may send on average; over it: close 1008 (0: no limit).",
+        float,
+    ],
+    ["client-burst", None, 20, "Frames a browser may send at once within --client-rate.", int],
+    [
+        "allowed-origins",
+        None,
+        None,
+        "Comma-separated origins allowed to connect (https://app.example.com, "
+        "https://*.example.com, null); others get HTTP 403. Default: any.",
+    ],
+    [
+        "backend-secret-file",
+        None,
+        None,
+        f"File holding a secret backends must send first (or set ${BACKEND_SECRET_ENV}).",
+    ],
+    [
+        "auth-fail-limit",
+        None,
+        10,
+        "Failed backend secrets or API keys from one IP within 60 s before it is refused "
+        "for 60 s (0: no limit).",
+        int,
+    ],
+]
+
+
+def check_limit_options(config: usage.Options) -> None:
+    """Validate the limit options; parse the origin list and read the backend secret."""
+    for name in (
+        "drain-window",
+        "max-queue",
+        "max-connections",
+        "max-per-uid",
+        "max-per-ip",
+        "trust-x-forwarded-for",
+        "client-rate",
+        "client-burst",
+        "auth-fail-limit",
+    ):
+        if config[name] < 0:
+            raise usage.UsageError(f"--{name} must not be negative")
+    try:
+        config["origins"] = OriginPolicy.parse(config["allowed-origins"])
+    except ValueError as e:
+        raise usage.UsageError(f"--allowed-origins: {e}") from None
+    try:
+        config["backend-secret"] = load_secret(config["backend-secret-file"], BACKEND_SECRET_ENV)
+    except (OSError, ValueError) as e:
+        raise usage.UsageError(f"cannot read the backend secret: {e}") from None
 
 
 class Options(usage.Options):
@@ -82,6 +175,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         for name in ("auth-timeout", "max-line", "max-body", "max-client-frame", "drain-timeout"):
+        *LIMIT_PARAMETERS,
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
         for name in ("ping-interval", "ping-timeout"):
@@ -102,7 +196,7 @@ def makeService(config: Options) -> service.MultiService:
     # the hot path unless asked for.
     txaio.set_global_log_level(config["log-level"])
     top = service.MultiService()
-    registry = Registry(drain_timeout=config["drain-timeout"])
+    registry = Registry(drain_timeout=config["drain-timeout"], drain_window=config["drain-window"])
     registry.setName("registry")
     registry.setServiceParent(top)
 
@@ -113,6 +207,7 @@ def makeService(config: Options) -> service.MultiService:
         log.warn(
             "WebSocket connections are UNAUTHENTICATED: the first frame is taken as the uid. "
             "Set --secret-file or ${env} to require signed tokens.",
+        check_limit_options(self)
             env=SECRET_ENV,
         )
 
@@ -127,7 +222,11 @@ def makeService(config: Options) -> service.MultiService:
     )
     strports.service(endpoint(config["ws-port"]), ws_factory).setServiceParent(top)
 
-    backend = BackendFactory(registry, max_line=config["max-line"])
+    throttle = FailureThrottle(limit=config["auth-fail-limit"])
+    gate = BackendGate(config["backend-secret"], throttle)
+    if config["backend-secret"] is not None:
+        log.info("backend connections must authenticate with the backend secret first")
+    backend = BackendFactory(registry, max_line=config["max-line"], gate=gate)
     strports.service(endpoint(config["text-port"], "127.0.0.1"), backend).setServiceParent(top)
 
     if config["http-port"] != "off":
@@ -135,9 +234,21 @@ def makeService(config: Options) -> service.MultiService:
         # policy and sweeper); no port starts it for the resource, so a service does.
         FactoryService(ws_factory).setServiceParent(top)
         site = make_site(
-            registry, config["api-key"], max_body=config["max-body"], ws_factory=ws_factory
+            registry,
+            config["api-key"],
+            max_body=config["max-body"],
+            ws_factory=ws_factory,
+            throttle=throttle,
         )
         strports.service(endpoint(config["http-port"], "127.0.0.1"), site).setServiceParent(top)
         if config["api-key"] is None:
             log.info("the HTTP API accepts requests without an API key")
     return top
+        max_queue=config["max-queue"],
+        max_connections=config["max-connections"] or default_max_connections(),
+        max_per_uid=config["max-per-uid"],
+        max_per_ip=config["max-per-ip"],
+        client_rate=config["client-rate"],
+        client_burst=config["client-burst"],
+        allowed_origins=config["origins"],
+        trust_x_forwarded_for=config["trust-x-forwarded-for"],
