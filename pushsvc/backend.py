@@ -19,6 +19,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from pushsvc import commands
+from pushsvc.access import BackendGate, auth_again, is_auth_request
 from pushsvc.registry import Registry
 
 OK = b"ok\n"
@@ -60,9 +61,10 @@ class BackendProtocol(LineReceiver):
     delimiter = b"\n"
     log = Logger()
 
-    def __init__(self, registry: Registry, max_line: int) -> None:
+    def __init__(self, registry: Registry, max_line: int, gate: BackendGate | None = None) -> None:
         self.registry = registry
         self.MAX_LENGTH = max_line
+        self.gate = gate
         self._buffer = b""
         self._discarding = False  # inside an over-long line, until its newline
         self._waiting: deque[bytes | Deferred[bytes]] | None = None
@@ -75,6 +77,8 @@ class BackendProtocol(LineReceiver):
         # replies makes Twisted pause us (LineReceiver's pauseProducing stops
         # reading from the socket) instead of buffering replies without bound.
         self.transport.registerProducer(self, True)
+        if self.gate is not None:
+            self.gate.connection_made(self)  # --backend-secret: the first line must be auth
 
     def dataReceived(self, data: bytes) -> None:
         buf = self._buffer + data if self._buffer else data
@@ -114,6 +118,8 @@ class BackendProtocol(LineReceiver):
         try:
             cmd, result = commands.execute(self.registry, request)
         except commands.RequestError as e:
+            if is_auth_request(request):  # not a command: the line protocol's own
+                return auth_again(self.gate, request)
             return error_line(e.reason, rid)
         except Exception:
             self.log.failure("command failed")
@@ -176,11 +182,14 @@ class BackendProtocol(LineReceiver):
 class BackendFactory(Factory):
     """Creates backend connections bound to the shared registry."""
 
-    def __init__(self, registry: Registry, max_line: int = 65536) -> None:
+    def __init__(
+        self, registry: Registry, max_line: int = 65536, gate: BackendGate | None = None
+    ) -> None:
         self.registry = registry
         self.max_line = max_line
+        self.gate = gate
 
     def buildProtocol(self, addr: object) -> BackendProtocol:
-        proto = BackendProtocol(self.registry, self.max_line)
+        proto = BackendProtocol(self.registry, self.max_line, self.gate)
         proto.factory = self
         return proto

@@ -212,9 +212,9 @@ def make_site(
     api_key: bytes | None,
     max_body: int = 65536,
     ws_factory: PushServerFactory | None = None,
+    throttle: FailureThrottle | None = None,
 ) -> PushSite:
     """The HTTP port's resource tree; ``ws_factory`` serves WebSockets at ``/ws``.
-    throttle: FailureThrottle | None = None,
 
     The browser side (``/push.js``, ``/demo``, ``/ws``) lives in browser.py.
     """

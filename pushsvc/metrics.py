@@ -38,6 +38,7 @@ class Metrics:
         self.auth_failures: Counter[str] = Counter()
         self.backend_connections = 0
         self.disconnects: Counter[str] = Counter()
+        self.handshake_refusals: Counter[str] = Counter()  # by HTTP status (403, 429, 503...)
         self._push_counts = [0] * (len(PUSH_BUCKETS) + 1)
         self._push_sum = 0.0
 
@@ -110,6 +111,14 @@ class MetricsCollector:
         for reason, count in sorted(m.disconnects.items()):
             disconnects.add_metric([reason], count)
         yield disconnects
+        refusals = CounterMetricFamily(
+            "pushsvc_handshake_refusals",
+            "WebSocket opening handshakes refused, by HTTP status.",
+            labels=["status"],
+        )
+        for status, count in sorted(m.handshake_refusals.items()):
+            refusals.add_metric([status], count)
+        yield refusals
         buckets, total = m.push_histogram()
         yield HistogramMetricFamily(
             "pushsvc_push_handling_seconds",

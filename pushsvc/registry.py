@@ -8,6 +8,7 @@ same calls and adds routing across nodes.
 from __future__ import annotations
 
 import heapq
+import random
 import time
 from collections.abc import Collection, Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from pushsvc.cluster import Cluster
 
 NOBODY: frozenset[str] = frozenset()
+DRAIN_STEP = 0.05  # seconds between batches of 1001 closes during --drain-window
 
 
 class Connection(Protocol):
@@ -57,7 +59,9 @@ class Registry(Service):
 
     log = Logger()
 
-    def __init__(self, drain_timeout: float = 5.0, clock=reactor) -> None:
+    def __init__(
+        self, drain_timeout: float = 5.0, clock=reactor, drain_window: float = 0.0
+    ) -> None:
         self.metrics = Metrics()
         self._by_uid: dict[str, set[Connection]] = {}
         self._uid_of: dict[Connection, str] = {}
@@ -66,6 +70,7 @@ class Registry(Service):
         self._group_conns: dict[str, set[Connection]] = {}
         self._conn_groups: dict[Connection, tuple[str, ...]] = {}
         self._drain_timeout = drain_timeout
+        self._drain_window = drain_window
         self._drained: defer.Deferred[None] | None = None
         self._clock = clock
         # Set by the cluster layer (pushsvc.cluster) when --redis is given:
@@ -323,27 +328,53 @@ class Registry(Service):
     # -- service -----------------------------------------------------------
 
     def stopService(self) -> defer.Deferred[None] | None:
-        """Close every WebSocket with 1001 and hold shutdown until they are gone (bounded)."""
+        """Close every WebSocket with 1001 and hold shutdown until they are gone (bounded).
+
+        The closes are spread in random order over ``drain_window`` seconds,
+        so that the browsers do not all reconnect to the next node at once;
+        ``drain_timeout`` more seconds are then allowed for close handshakes.
+        """
         super().stopService()
         conns = list(self._anonymous) + list(self._uid_of)
         if not conns:
             return None
-        self.log.info("closing {count} WebSocket connection(s) with 1001", count=len(conns))
+        window = self._drain_window
+        self.log.info(
+            "closing {count} WebSocket connection(s) with 1001 over {window} s",
+            count=len(conns),
+            window=window,
+        )
         self._drained = defer.Deferred()
+        random.shuffle(conns)
+        steps = max(1, round(window / DRAIN_STEP))
+        batches = [
+            conns[i * len(conns) // steps : (i + 1) * len(conns) // steps] for i in range(steps)
+        ]
+        calls = [
+            self._clock.callLater(i * window / steps, self._go_away, batch)
+            for i, batch in enumerate(batches)
+            if i and batch
+        ]
+        calls.append(self._clock.callLater(window + self._drain_timeout, self._give_up))
+        drained = self._drained
+        self._go_away(batches[0])
+
+        def cancel_timers(result: None) -> None:
+            for call in calls:
+                if call.active():
+                    call.cancel()
+
+        drained.addCallback(cancel_timers)
+        return drained
+
+    def _go_away(self, conns: list[Connection]) -> None:
         for conn in conns:
+            if conn not in self._uid_of and conn not in self._anonymous:
+                continue  # closed on its own meanwhile
             try:
                 conn.goAway()
             except Exception:
                 self.log.failure("closing a connection failed")
-        timeout = self._clock.callLater(self._drain_timeout, self._give_up)
-        drained = self._drained
-
-        def cancel_timeout(result: None) -> None:
-            if timeout.active():
-                timeout.cancel()
-
-        drained.addCallback(cancel_timeout)
-        return drained
 
     def _give_up(self) -> None:
         if self._drained is not None:

@@ -167,6 +167,7 @@ class Options(usage.Options):
         ["ping-interval", None, 30.0, "Seconds between WebSocket pings (0: off).", float],
         ["ping-timeout", None, 10.0, "Seconds to wait for a pong before dropping.", float],
         ["drain-timeout", None, 5.0, "Seconds shutdown waits for clients to close.", float],
+        *LIMIT_PARAMETERS,
         ["log-level", None, "info", "Log level for Autobahn's own messages (debug is per frame)."],
     ]
     optFlags = [
@@ -175,7 +176,6 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         for name in ("auth-timeout", "max-line", "max-body", "max-client-frame", "drain-timeout"):
-        *LIMIT_PARAMETERS,
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} must be positive")
         for name in ("ping-interval", "ping-timeout"):
@@ -188,6 +188,7 @@ class Options(usage.Options):
             self["api-key"] = load_secret(self["api-key-file"], API_KEY_ENV)
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"cannot read a secret: {e}") from None
+        check_limit_options(self)
 
 
 def makeService(config: Options) -> service.MultiService:
@@ -207,7 +208,6 @@ def makeService(config: Options) -> service.MultiService:
         log.warn(
             "WebSocket connections are UNAUTHENTICATED: the first frame is taken as the uid. "
             "Set --secret-file or ${env} to require signed tokens.",
-        check_limit_options(self)
             env=SECRET_ENV,
         )
 
@@ -219,6 +219,14 @@ def makeService(config: Options) -> service.MultiService:
         ping_interval=config["ping-interval"],
         ping_timeout=config["ping-timeout"],
         compression=config["compression"],
+        max_queue=config["max-queue"],
+        max_connections=config["max-connections"] or default_max_connections(),
+        max_per_uid=config["max-per-uid"],
+        max_per_ip=config["max-per-ip"],
+        client_rate=config["client-rate"],
+        client_burst=config["client-burst"],
+        allowed_origins=config["origins"],
+        trust_x_forwarded_for=config["trust-x-forwarded-for"],
     )
     strports.service(endpoint(config["ws-port"]), ws_factory).setServiceParent(top)
 
@@ -244,11 +252,3 @@ def makeService(config: Options) -> service.MultiService:
         if config["api-key"] is None:
             log.info("the HTTP API accepts requests without an API key")
     return top
-        max_queue=config["max-queue"],
-        max_connections=config["max-connections"] or default_max_connections(),
-        max_per_uid=config["max-per-uid"],
-        max_per_ip=config["max-per-ip"],
-        client_rate=config["client-rate"],
-        client_burst=config["client-burst"],
-        allowed_origins=config["origins"],
-        trust_x_forwarded_for=config["trust-x-forwarded-for"],

@@ -10,16 +10,29 @@ from __future__ import annotations
 import time
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.types import ConnectionRequest
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from pushsvc.access import OriginPolicy
 from pushsvc.auth import (
     CLOSE_AUTH_TIMEOUT,
     CLOSE_BAD_REQUEST,
     AuthError,
     JWTAuthenticator,
     UidAuthenticator,
+)
+from pushsvc.limits import (
+    CLOSE_RATE_LIMITED,
+    CLOSE_SLOW_CONSUMER,
+    CLOSE_TOO_MANY_CONNECTIONS,
+    DEFAULT_MAX_QUEUE,
+    PerKeyCounter,
+    SendQueueGuard,
+    TokenBucket,
+    peer_ip,
 )
 from pushsvc.registry import Registry
 
@@ -35,8 +48,20 @@ class PushServerProtocol(WebSocketServerProtocol):
 
     uid: str | None = None
     _query_token: str | None = None
+    _ip: str | None = None  # counted in the factory's per-IP table while set
+    _bucket: TokenBucket | None = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        factory = self.factory
+        if factory.max_queue:
+            guard = SendQueueGuard(self, factory.max_queue, self._slow_consumer)
+            guard.attach(self.transport)
+        if factory.client_rate:
+            self._bucket = TokenBucket(factory.client_rate, factory.client_burst)
 
     def onConnect(self, request: ConnectionRequest) -> None:
+        self.factory.admit(self, request)
         tokens = request.params.get("token")
         if tokens:
             self._query_token = tokens[0]
@@ -48,8 +73,8 @@ class PushServerProtocol(WebSocketServerProtocol):
             self._authenticate(token)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.uid is not None:
-            return  # after authentication, client frames carry nothing we act on
+        if self.uid is not None or self.state != self.STATE_OPEN:
+            return  # after authentication (or once closing), frames carry nothing we act on
         if isBinary:
             self._refuse(AuthError(CLOSE_BAD_REQUEST, "the first frame must be a text frame"))
             return
@@ -61,6 +86,11 @@ class PushServerProtocol(WebSocketServerProtocol):
             identity = self.factory.authenticator.authenticate(credential)
         except AuthError as e:
             self._refuse(e)
+            return
+        limit = self.factory.max_per_uid
+        if limit and len(self.factory.registry.connections_of(identity.uid)) >= limit:
+            self.factory.registry.metrics.disconnects["too_many_connections"] += 1
+            self.sendClose(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
             return
         self.uid = identity.uid
         self.factory.registry.identify(self, identity.uid, identity.groups)
@@ -82,6 +112,56 @@ class PushServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         self.factory.registry.detach(self)
 
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        if self._ip is not None:
+            self.factory.per_ip.release(self._ip)
+            self._ip = None
+
+    # -- limits (pushsvc/limits.py; docs/security.md) ----------------------------
+
+    def onFrameBegin(self) -> None:
+        """Every client frame (data or control) spends a token of the connection's bucket."""
+        bucket = self._bucket
+        if bucket is not None and not bucket.take() and self.state == self.STATE_OPEN:
+            self.factory.registry.metrics.disconnects["rate_limit"] += 1
+            # 1008 is outside sendClose's range (1000, 3000-4999), like goAway's 1001.
+            self.sendCloseFrame(CLOSE_RATE_LIMITED, b"rate limit exceeded", isReply=False)
+        super().onFrameBegin()
+
+    def _slow_consumer(self) -> None:
+        """The peer stopped reading: stop routing pushes here, tell it why, then let it go.
+
+        The 4010 close frame is queued behind what the peer has not read; the
+        close handshake timeout aborts the connection (freeing its buffer) if
+        the peer does not get through it.  Later writes are dropped.  This runs
+        inside a registry loop over connections, so the detach waits a turn.
+        """
+        registry = self.factory.registry
+        registry.metrics.disconnects["slow_consumer"] += 1
+        self.factory.reactor.callLater(0, registry.detach, self)
+        if self.state == self.STATE_OPEN:
+            self.sendClose(CLOSE_SLOW_CONSUMER, "slow consumer")
+        else:
+            self.dropConnection(abort=True)
+
+    def onAutoPingTimeout(self) -> None:
+        """No pong in time: counted, then Autobahn aborts the connection."""
+        self.factory.registry.metrics.disconnects["ping_timeout"] += 1
+        super().onAutoPingTimeout()
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: object = None) -> None:
+        """Refuse the opening handshake: counted, and logged at most once a minute.
+
+        Autobahn's own version logs two lines per refused connection, which a
+        flood turns into a flood of log lines.
+        """
+        self.factory.refused(code, reason, self.peer)
+        self.wasNotCleanReason = reason
+        self.sendHttpErrorResponse(code, reason, responseHeaders)
+        self.wasClean = True  # a refusal is an orderly end: no per-connection warning
+        self.dropConnection(abort=False)
+
 
 class PushServerFactory(WebSocketServerFactory):
     """Builds browser connections bound to the shared registry and auth policy."""
@@ -99,11 +179,26 @@ class PushServerFactory(WebSocketServerFactory):
         ping_timeout: float = 10.0,
         compression: bool = False,
         url: str | None = None,
+        max_queue: int = DEFAULT_MAX_QUEUE,
+        max_connections: int = 0,
+        max_per_uid: int = 0,
+        max_per_ip: int = 0,
+        client_rate: float = 0.0,
+        client_burst: int = 0,
+        allowed_origins: OriginPolicy | None = None,
+        trust_x_forwarded_for: int = 0,
     ) -> None:
         super().__init__(url)
         self.registry = registry
         self.authenticator = authenticator
         self.auth_timeout = auth_timeout
+        self.max_queue = max_queue
+        self.max_per_uid = max_per_uid
+        self.per_ip = PerKeyCounter(max_per_ip)
+        self.client_rate = client_rate
+        self.client_burst = max(client_burst, 1) if client_rate else 0
+        self.origins = allowed_origins or OriginPolicy(None)
+        self._refusals_logged_until = 0.0
         # All options in one call: a second setProtocolOptions call resets
         # allowNullOrigin and friends to their defaults.
         self.setProtocolOptions(
@@ -117,6 +212,17 @@ class PushServerFactory(WebSocketServerFactory):
             # 1009...) instead of a silent TCP drop, so clients can tell why.
             failByDrop=False,
             perMessageCompressionAccept=_accept_deflate if compression else None,
+            # Over --max-connections: HTTP 503 at the handshake (Autobahn's check).
+            maxConnections=max_connections,
+            # The peer address (for per-IP limits and logs) is taken from the
+            # X-Forwarded-For entry this many proxies back; 0 ignores the header.
+            trustXForwardedFor=trust_x_forwarded_for,
+            # Origins are checked in admit() (403 instead of Autobahn's 400);
+            # Autobahn's own check would refuse the "null" origin before it.
+            allowNullOrigin=True,
+            # A plain GET would get Autobahn's status page (its version) and
+            # ?redirect=<url> an open redirect; answer 426 instead.
+            webStatus=False,
         )
         self._sweeper = LoopingCall(self._close_unauthenticated)
 
@@ -129,6 +235,29 @@ class PushServerFactory(WebSocketServerFactory):
         if self._sweeper.running:
             self._sweeper.stop()
         super().stopFactory()
+
+    def admit(self, conn: PushServerProtocol, request: ConnectionRequest) -> None:
+        """Refuse at the handshake what the origin policy or the per-IP limit does not allow."""
+        if not self.origins.allows(request.origin):
+            raise ConnectionDeny(403, "origin not allowed")
+        ip = peer_ip(request.peer)
+        if not self.per_ip.acquire(ip):
+            raise ConnectionDeny(429, "too many connections from this address")
+        conn._ip = ip
+
+    def refused(self, code: int, reason: str, peer: str | None) -> None:
+        """Count a refused handshake; log one line a minute at most."""
+        self.registry.metrics.handshake_refusals[str(code)] += 1
+        now = time.monotonic()
+        if now >= self._refusals_logged_until:
+            self._refusals_logged_until = now + 60.0
+            log.info(
+                "refused a WebSocket handshake from {peer}: {code} {reason} "
+                "(further refusals in the next 60 s are only counted in /metrics)",
+                peer=peer,
+                code=code,
+                reason=reason,
+            )
 
     def _close_unauthenticated(self) -> None:
         """One sweep for every connection's auth timeout, instead of a timer each."""

@@ -22,7 +22,9 @@ from websockets.sync.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = shutil.which("twistd") or str(Path(sys.executable).with_name("twistd"))
-STARTING = re.compile(rb"(PushServerFactory|BackendFactory|PushSite) starting on (\d+)")
+STARTING = re.compile(
+    rb"(PushServerFactory|BackendFactory|PushSite)(?: \(TLS\))? starting on (\d+)"
+)
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -31,7 +33,8 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     The checkout goes first on PYTHONPATH so that twistd finds this tree's
     plugin and package however (or whether) pushsvc was installed.
     """
-    env = {k: v for k, v in os.environ.items() if k != "PUSHSVC_SECRET"}
+    inherited = ("PUSHSVC_SECRET", "PUSHSVC_BACKEND_SECRET")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
     env.update(extra or {})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env
