@@ -1,0 +1,108 @@
+"""The backend port's shared secret, and throttling of failed backend credentials."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import Backend, PushServer
+
+SECRET = "backend-secret-0123456789"
+AUTH = json.dumps({"cmd": "auth", "secret": SECRET})
+
+
+@pytest.fixture
+def guarded(start_server) -> PushServer:
+    return start_server("--auth-fail-limit=3", env={"PUSHSVC_BACKEND_SECRET": SECRET})
+
+
+def closed(b: Backend) -> bool:
+    return b.line() == b""
+
+
+def test_auth_line_then_commands(guarded: PushServer, ws_clients) -> None:
+    ws_clients.append(guarded.ws("sec-user"))
+    with guarded.backend() as b:
+        assert b.request(AUTH) == b"ok"
+        while b.json('{"cmd":"stats"}')["connections"] != 1:
+            time.sleep(0.02)
+        assert b.request('{"uid":"sec-user","percent":"88%"}') == b"ok"
+        assert b.request(AUTH) == b"ok"  # again: harmless
+    assert ws_clients[0].recv(timeout=5) == "88%"
+
+
+def test_auth_with_id_answers_json(guarded: PushServer) -> None:
+    with guarded.backend() as b:
+        assert b.json(json.dumps({"cmd": "auth", "secret": SECRET, "id": 7})) == {
+            "id": 7,
+            "ok": True,
+        }
+
+
+def test_seed_line_without_auth_is_refused_and_closed(guarded: PushServer) -> None:
+    with guarded.backend() as b:
+        # The seed's PHP client writes its push line and reads one reply.
+        b.send(b'{"uid":"uid1","percent":"88%"}\n{"uid":"uid1","percent":"89%"}\n')
+        assert b.line() == b"error authentication required\n"
+        assert closed(b)  # and nothing for the line after it
+    assert "before authenticating" in guarded.log()
+
+
+def test_wrong_secret_is_refused_and_ip_blocked_after_the_limit(guarded: PushServer) -> None:
+    for attempt in range(3):
+        with guarded.backend() as b:
+            guess = json.dumps({"cmd": "auth", "secret": f"guess-{attempt}"})
+            assert b.request(guess) == b"error authentication failed"
+            assert closed(b)
+    with guarded.backend() as b:  # even the right secret now: the IP is refused for a while
+        assert b.line() == b"error too many failed authentication attempts\n"
+        assert closed(b)
+    log = guarded.log()
+    assert log.count("backend authentication failed (wrong secret) from 127.0.0.1") == 1
+    assert log.count("refusing it for 60 s") == 1
+    assert "guess-" not in log  # never the attempted secret
+
+
+def test_secret_from_file(start_server, tmp_path) -> None:
+    path = tmp_path / "backend-secret"
+    path.write_text(SECRET + "\n")
+    server = start_server(f"--backend-secret-file={path}")
+    with server.backend() as b:
+        assert b.request(AUTH) == b"ok"
+        assert b.request('{"uid":"nobody","data":"x"}') == b"fail"
+
+
+def test_auth_line_without_a_secret_is_accepted(server: PushServer) -> None:
+    """Backends can send the auth line before the service requires it."""
+    with server.backend() as b:
+        assert b.request('{"cmd":"auth","secret":"anything"}') == b"ok"
+        assert b.request('{"uid":"nobody","data":"x"}') == b"fail"
+
+
+def test_http_api_key_failures_are_throttled(start_server) -> None:
+    server = start_server("--auth-fail-limit=2", env={"PUSHSVC_API_KEY": "the-key"})
+
+    def post(key: str) -> tuple[int, dict]:
+        req = urllib.request.Request(
+            server.http_url + "/api/stats",
+            data=b"{}",
+            headers={"Authorization": f"Bearer {key}"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=5) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            if e.code == 429:
+                assert int(e.headers["retry-after"]) > 0
+            return e.code, json.loads(e.read())
+
+    assert post("the-key")[0] == 200
+    assert post("wrong")[0] == 401
+    assert post("wrong")[0] == 401
+    status, body = post("the-key")
+    assert (status, body["error"]) == (429, "too many failed authentication attempts")
+    assert server.log().count("refused a request without a valid API key") == 1

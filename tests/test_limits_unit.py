@@ -1,0 +1,135 @@
+"""The limit and access building blocks in-process: no server, no sockets, fast."""
+
+from __future__ import annotations
+
+import resource
+
+from rawws import TEXT, frame, request
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from pushsvc.access import FailureThrottle
+from pushsvc.auth import UidAuthenticator
+from pushsvc.limits import SendQueueGuard, TokenBucket, default_max_connections, peer_ip
+from pushsvc.registry import Registry
+from pushsvc.websocket import PushServerFactory
+
+
+class HTTPChannelStandIn:
+    """What Twisted Web leaves registered on a transport that WebSocketResource takes over."""
+
+    def pauseProducing(self) -> None: ...
+
+    def resumeProducing(self) -> None: ...
+
+    def stopProducing(self) -> None: ...
+
+
+def connected(max_queue: int, take_over: bool = False):
+    registry = Registry()
+    factory = PushServerFactory(registry, UidAuthenticator(), max_queue=max_queue)
+    factory.reactor = Clock()
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    if take_over:
+        transport.registerProducer(HTTPChannelStandIn(), True)
+    proto.makeConnection(transport)
+    proto.dataReceived(request())
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    proto.dataReceived(frame(TEXT, b"unit-uid"))
+    assert registry.is_online("unit-uid")
+    transport.clear()
+    return registry, proto, transport
+
+
+def test_guard_replaces_the_http_channel_producer() -> None:
+    _, proto, transport = connected(1000, take_over=True)
+    assert isinstance(transport.producer, SendQueueGuard)
+    assert transport.streaming
+
+
+def test_guard_costs_nothing_until_paused_and_closes_4010_past_the_limit() -> None:
+    registry, proto, transport = connected(1000)
+    guard = transport.producer
+    assert "sendData" not in proto.__dict__  # the class's own method: no wrapper
+    guard.pauseProducing()
+    assert "sendData" in proto.__dict__
+    guard.resumeProducing()
+    assert "sendData" not in proto.__dict__
+    guard.pauseProducing()
+    assert registry.local_push(["unit-uid"], b"x" * 600) == 1  # 602 bytes queued: fine
+    assert registry.local_push(["unit-uid"], b"x" * 600) == 1  # over 1000: closed
+    proto.factory.reactor.advance(0)  # detached a turn later, outside the push loop
+    assert not registry.is_online("unit-uid")
+    assert registry.metrics.disconnects["slow_consumer"] == 1
+    written = transport.value()
+    assert written.endswith(b"\x88\x0f\x0f\xaaslow consumer")  # close 4010, then nothing
+    assert registry.local_push(["unit-uid"], b"late") == 0
+    proto.sendPing()  # anything written afterwards is dropped
+    assert transport.value() == written
+    guard.resumeProducing()  # tripped: stays dropped
+    assert proto.__dict__["sendData"] is not None
+
+
+def test_token_bucket() -> None:
+    bucket = TokenBucket(rate=0.001, burst=3)
+    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
+    fast = TokenBucket(rate=1e9, burst=1)
+    assert all(fast.take() for _ in range(100))
+
+
+def test_failure_throttle_blocks_then_forgets() -> None:
+    clock = Clock()
+    throttle = FailureThrottle(limit=3, window=60, clock=clock)
+    for _ in range(2):
+        throttle.failed("10.0.0.1", "test")
+    assert not throttle.blocked("10.0.0.1")
+    throttle.failed("10.0.0.1", "test")
+    assert throttle.blocked("10.0.0.1") and not throttle.blocked("10.0.0.2")
+    assert throttle.retry_after("10.0.0.1") == 60
+    clock.advance(61)
+    assert not throttle.blocked("10.0.0.1")
+    throttle.failed("10.0.0.1", "test")  # a new window: counting starts again
+    assert not throttle.blocked("10.0.0.1")
+
+
+def test_failure_throttle_table_is_bounded() -> None:
+    clock = Clock()
+    throttle = FailureThrottle(limit=3, window=60, clock=clock)
+    throttle.MAX_ENTRIES = 100
+    for i in range(1000):
+        throttle.failed(f"10.0.{i // 256}.{i % 256}", "test")
+    assert len(throttle._ips) <= 100
+
+
+def test_peer_ip() -> None:
+    assert peer_ip("tcp4:1.2.3.4:5555") == "1.2.3.4"
+    assert peer_ip("tcp6:::1:5555") == "::1"
+    assert peer_ip("203.0.113.9") == "203.0.113.9"  # from a trusted X-Forwarded-For
+    assert peer_ip("unix:/run/push.sock") == "unix"
+    assert peer_ip(None) == "?"
+
+
+def test_default_max_connections_leaves_room_for_the_rest() -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert default_max_connections() == max(1, soft - 100)
+
+
+def test_overflow_inside_a_fan_out_loop() -> None:
+    """Tripping the guard mid-push or mid-broadcast must not disturb the registry's loop."""
+    registry, first, t1 = connected(100)
+    second = first.factory.buildProtocol(None)
+    t2 = StringTransport()
+    second.makeConnection(t2)
+    second.dataReceived(request() + frame(TEXT, b"unit-uid"))
+    third = first.factory.buildProtocol(None)
+    third.makeConnection(StringTransport())
+    third.dataReceived(request() + frame(TEXT, b"other-uid"))
+    for t in (t1, t2):
+        t.producer.pauseProducing()
+    assert registry.local_push(["unit-uid"], b"x" * 200) == 2
+    assert registry.local_broadcast(b"y" * 200) == 3
+    first.factory.reactor.advance(0)
+    assert registry.connections_of("unit-uid") == frozenset()
+    assert registry.is_online("other-uid")
+    assert registry.metrics.disconnects["slow_consumer"] == 2
