@@ -5,10 +5,13 @@ from __future__ import annotations
 import selectors
 import signal
 import time
+from pathlib import Path
 
 from conftest import PushServer
 from rawws import RawWS
 from test_lifecycle import STOPPED_OK
+
+from pushsvc.tap import Options
 
 
 def test_closes_are_spread_over_the_drain_window(start_server) -> None:
@@ -51,3 +54,15 @@ def test_drain_is_bounded_by_window_plus_timeout(start_server) -> None:
     assert server.stop(signal.SIGTERM) in STOPPED_OK
     assert time.monotonic() - started < 0.5 + 1 + 2.5
     silent.close()
+
+
+def test_systemd_stop_timeout_covers_window_and_timeout() -> None:
+    unit = Path(__file__).resolve().parent.parent / "contrib/systemd/pushsvc.service"
+    stop = next(
+        int(line.split("=", 1)[1])
+        for line in unit.read_text().splitlines()
+        if line.startswith("TimeoutStopSec=")
+    )
+    config = Options()
+    config.parseOptions([])
+    assert stop > config["drain-window"] + config["drain-timeout"] + 2
