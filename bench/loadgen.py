@@ -144,6 +144,7 @@ class Hub:
         self.done: asyncio.Future[None] | None = None
         self.errors: list[str] = []
         self.closed = 0
+        self.reads = 0  # data_received calls on open connections
 
     def unexpected(self, client: WsClient, payload: bytes) -> None:
         """Default handler: no frame is expected outside a scenario."""
@@ -217,6 +218,7 @@ class WsClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:  # noqa: D102
         if self.is_open:
+            self.hub.reads += 1
             self.parse(self.buf + data if self.buf else data)
             return
         self.buf += data
@@ -517,6 +519,7 @@ async def scenario_unicast(
     backends = await open_backends(target.host, target.text_port, backends_n)
     window = Window(target.pid)
     batches = 0
+    hub.reads = 0
     window.start()
     while batches == 0 or time.perf_counter() - window.t0 < cfg.min_seconds:
         for client in clients:
@@ -537,7 +540,9 @@ async def scenario_unicast(
     window.stop()
     hub.on_text = hub.unexpected
     close_backends(backends)
-    return window.figures(pushes * batches, "push")
+    result = window.figures(pushes * batches, "push")
+    result["frames_per_read"] = pushes * batches / max(hub.reads, 1)
+    return result
 
 
 async def scenario_offline(target: Target, hub: Hub, cfg: Config) -> dict[str, Any]:
@@ -625,6 +630,7 @@ async def scenario_broadcast(
     backends = await open_backends(target.host, target.text_port, 1)
     window = Window(target.pid)
     batches = 0
+    hub.reads = 0
     window.start()
     while batches == 0 or time.perf_counter() - window.t0 < cfg.min_seconds:
         for client in clients:
@@ -640,7 +646,9 @@ async def scenario_broadcast(
     window.stop()
     hub.on_text = hub.unexpected
     close_backends(backends)
-    return window.figures(n * count * batches, "frame")
+    result = window.figures(n * count * batches, "frame")
+    result["frames_per_read"] = n * count * batches / max(hub.reads, 1)
+    return result
 
 
 async def session_unicast(target: Target, cfg: Config) -> dict[str, Any]:

@@ -332,7 +332,11 @@ def render_table(
 
 def render_busy(results: dict[str, list[dict[str, Any]]], names: list[str]) -> str:
     """CPU share of server and generator per scenario, to judge who was the bottleneck."""
-    lines = ["| scenario | " + " | ".join(f"{n}: server % / generator %" for n in names) + " |"]
+    lines = [
+        "| scenario | "
+        + " | ".join(f"{n}: server % / generator % / frames per client read" for n in names)
+        + " |"
+    ]
     lines.append("|---|" + "---:|" * len(names))
     keys: list[str] = []
     for runs in results.values():
@@ -347,7 +351,10 @@ def render_busy(results: dict[str, list[dict[str, Any]]], names: list[str]) -> s
                 continue
             srv = statistics.median(r["server_cpu_pct"] for r in runs)
             gen = statistics.median(r["gen_cpu_pct"] for r in runs)
-            cells.append(f"{srv:.0f} / {gen:.0f}")
+            cell = f"{srv:.0f} / {gen:.0f}"
+            if "frames_per_read" in runs[0]:
+                cell += f" / {statistics.median(r['frames_per_read'] for r in runs):.2f}"
+            cells.append(cell)
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -579,7 +586,8 @@ def main() -> None:
     print()
     print("CPU busy during each measured window (median). In the throughput rows the")
     print("server should be near 100 %; much less means it waited for the generator or")
-    print("lost core 0 to another process (re-run on a quieter machine):")
+    print("lost core 0 to another process (re-run on a quieter machine). Frames per")
+    print("client read > 1 means the server sent several frames to a client at once:")
     print()
     print(render_busy(results, names))
     print()
