@@ -152,6 +152,8 @@ def _with_id(rid: Any, result: dict[str, Any]) -> dict[str, Any]:
 def _failure(failure: Failure, rid: Any) -> tuple[int, dict[str, Any]]:
     if isinstance(failure.value, commands.RequestError):
         return 400, _with_id(rid, {"ok": False, "error": failure.value.reason})
+    if type(failure.value).__name__ == "ClusterUnavailable":
+        return 503, _with_id(rid, {"ok": False, "error": failure.value.reason})
     log.failure("command failed", failure)
     return 500, _with_id(rid, {"ok": False, "error": "internal error"})
 

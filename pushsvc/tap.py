@@ -166,6 +166,14 @@ class Options(usage.Options):
         ["max-client-frame", None, 4096, "Largest frame a browser may send, in bytes.", int],
         ["ping-interval", None, 30.0, "Seconds between WebSocket pings (0: off).", float],
         ["ping-timeout", None, 10.0, "Seconds to wait for a pong before dropping.", float],
+        ["redis-timeout", None, 1.0, "Seconds to wait for Redis before answering fail.", float],
+        [
+            "cluster-heartbeat",
+            None,
+            2.0,
+            "Seconds between this node's presence records in Redis (they expire after 3).",
+            float,
+        ],
         ["drain-timeout", None, 5.0, "Seconds shutdown waits for clients to close.", float],
         *LIMIT_PARAMETERS,
         ["log-level", None, "info", "Log level for Autobahn's own messages (debug is per frame)."],
@@ -173,6 +181,17 @@ class Options(usage.Options):
     optFlags = [
         ["compression", None, "Accept permessage-deflate (off by default: it costs CPU and RAM)."],
     ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["redis"] = []
+
+    def opt_redis(self, url: str) -> None:
+        """Redis URL (redis://, rediss://, unix://) that makes this node a cluster member.
+
+        Repeat for several Redis servers: uids are spread over them by a consistent hash.
+        """
+        self["redis"].append(url)
 
     def postOptions(self) -> None:
         for name in ("auth-timeout", "max-line", "max-body", "max-client-frame", "drain-timeout"):
@@ -200,6 +219,16 @@ def makeService(config: Options) -> service.MultiService:
     registry = Registry(drain_timeout=config["drain-timeout"], drain_window=config["drain-window"])
     registry.setName("registry")
     registry.setServiceParent(top)
+    if config["redis"]:
+        from pushsvc.cluster import Cluster
+
+        Cluster(
+            registry,
+            config["redis"],
+            timeout=config["redis-timeout"],
+            heartbeat=config["cluster-heartbeat"],
+        ).setServiceParent(top)
+        log.info("cluster member through Redis {urls}", urls=", ".join(config["redis"]))
 
     authenticator = make_authenticator(config["secret"])
     if authenticator.signed:
