@@ -29,7 +29,7 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -205,18 +205,18 @@ class WsClient(asyncio.Protocol):
         self.checksum = 0
         self.parts: list[bytes] = []
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # noqa: D102
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self.transport.write(self.hub.handshake)
 
-    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
+    def connection_lost(self, exc: Exception | None) -> None:
         self.hub.closed += 1
         if not self.ready.done():
             self.ready.set_exception(
                 BenchError(f"{self.uid}: connection lost during setup ({exc})")
             )
 
-    def data_received(self, data: bytes) -> None:  # noqa: D102
+    def data_received(self, data: bytes) -> None:
         if self.is_open:
             self.hub.reads += 1
             self.parse(self.buf + data if self.buf else data)
@@ -350,16 +350,16 @@ class Backend(asyncio.Protocol):
         self.done: asyncio.Future[None] | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # noqa: D102
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
-    def connection_lost(self, exc: Exception | None) -> None:  # noqa: D102
+    def connection_lost(self, exc: Exception | None) -> None:
         if self.done is not None and not self.done.done():
             self.done.set_exception(BenchError(f"backend connection lost ({exc})"))
         if not self.lost.done():
             self.lost.set_result(None)
 
-    def data_received(self, data: bytes) -> None:  # noqa: D102
+    def data_received(self, data: bytes) -> None:
         lines = (self.buf + data).split(b"\n")
         self.buf = lines.pop()
         self.replies.update(lines)
@@ -465,7 +465,6 @@ class Config:
     connect_window: int = 48
     pipeline_window: int = 1000
     timeout: float = 120.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 async def scenario_connect(

@@ -96,7 +96,13 @@ def machine() -> dict[str, str]:
         if line.startswith("model name"):
             model = line.split(":", 1)[1].strip()
             break
+    commit = subprocess.run(
+        ["git", "-C", str(PROJECT_DIR), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     return {
+        "commit": commit or "unknown",
         "nproc": str(os.cpu_count()),
         "cpu": model,
         "python": platform.python_version(),
@@ -557,6 +563,7 @@ def main() -> None:
     info = machine()
     print(
         f"# {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}; "
+        f"project at {info['commit']}; {time.strftime('%Y-%m-%d %H:%M %Z')}; "
         f"fd limit {fd_limit}; generator loop {loop.__module__}; {reps} repetition(s); "
         f"load average at start {Path('/proc/loadavg').read_text().split()[0]}",
         flush=True,
@@ -579,7 +586,8 @@ def main() -> None:
             profile = profile_pushsvc(servers[candidate], cfg, log_dir, args.profile, loop)
 
     if reps == 0:
-        print(f"\npy-spy profile of {candidate} ({args.profile}):\n\n{profile}")
+        if profile:
+            print(f"\npy-spy profile of {candidate} ({args.profile}):\n\n{profile}")
         return
     print()
     print(render_table(results, names, cfg))
