@@ -24,6 +24,7 @@ from pushsvc.registry import Registry
 
 OK = b"ok\n"
 FAIL = b"fail\n"
+QUEUED = b"queued\n"  # a push with a ttl that nobody got now, stored for later
 
 
 def error_line(reason: str, rid: Any = None) -> bytes:
@@ -37,7 +38,9 @@ def result_line(cmd: commands.Command, result: dict, rid: Any) -> bytes:
     if rid is not None:
         return orjson.dumps({"id": rid, **result}) + b"\n"
     if cmd.delivery:
-        return OK if result["ok"] else FAIL
+        if not result["ok"]:
+            return FAIL
+        return OK if result["delivered"] else QUEUED
     return orjson.dumps(result) + b"\n"
 
 

@@ -131,6 +131,9 @@ class Shard:
         self._to_unsubscribe: set[str] = set()
         self._flush_call: Any = None
         self._was_up = False
+        # SUBSCRIBEs sent but not yet confirmed, and who waits for them (recovery).
+        self._unconfirmed: set[str] = set()
+        self._waiters: dict[str, list[defer.Deferred[None]]] = {}
 
     # the ring (txredisapi.HashRing) keys shards by their factory's uuid
     @property
@@ -165,6 +168,7 @@ class Shard:
     def subscriber_ready(self, proto: Subscriber) -> None:
         self.subscriber = proto
         self.subscribed = set()
+        self._unconfirmed = set()
         # txredisapi does not restore subscriptions: subscribe to everything
         # this node needs on this shard again, in batches.
         wanted = self.cluster.channels_for(self)
@@ -221,11 +225,29 @@ class Shard:
         for i in range(0, len(adding), SUBSCRIBE_BATCH):
             batch = adding[i : i + SUBSCRIBE_BATCH]
             self.subscribed.update(batch)
-            sub.subscribe(batch).addErrback(self._subscribe_failed)
+            self._unconfirmed.update(batch)
+            d = sub.subscribe(batch)
+            d.addCallbacks(self._confirmed, self._subscribe_failed, callbackArgs=(batch,))
         for i in range(0, len(removing), SUBSCRIBE_BATCH):
             batch = removing[i : i + SUBSCRIBE_BATCH]
             self.subscribed.difference_update(batch)
             sub.unsubscribe(batch).addErrback(self._subscribe_failed)
+
+    def _confirmed(self, _: object, batch: list[str]) -> None:
+        # Redis runs one SUBSCRIBE for the whole batch: its first reply means all of it.
+        for channel in batch:
+            self._unconfirmed.discard(channel)
+            for waiter in self._waiters.pop(channel, ()):
+                if not waiter.called:
+                    waiter.callback(None)
+
+    def when_subscribed(self, channel: str) -> defer.Deferred[None]:
+        """Fires once this node receives ``channel``'s messages (bounded by --redis-timeout)."""
+        if channel in self.subscribed and channel not in self._unconfirmed:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._waiters.setdefault(channel, []).append(waiter)
+        return waiter.addTimeout(self.cluster.timeout, reactor)
 
     def _subscribe_failed(self, failure: Any) -> None:
         # The connection is gone; subscriber_ready() redoes it all.
@@ -335,6 +357,10 @@ class Cluster(Service):
 
     def uid_offline(self, uid: str) -> None:
         self.shard_of(uid).unwant(UID + uid)
+
+    def subscribed(self, uid: str) -> defer.Deferred[None]:
+        """Fires once pushes to ``uid`` from other nodes reach this one (history recovery)."""
+        return self.shard_of(uid).when_subscribed(UID + uid)
 
     # -- delivery ---------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from twisted.internet.defer import Deferred
 
+from pushsvc.history import MAX_TTL
 from pushsvc.registry import NOBODY, Registry, page
 
 Result = dict[str, Any]
@@ -108,7 +109,8 @@ def execute(
 
 def count_push(registry: Registry) -> Callable[[Result], Result]:
     def count(result: Result) -> Result:
-        registry.metrics.pushes["delivered" if result["ok"] else "offline"] += 1
+        # A push stored for later (ttl) is ok without being delivered: offline.
+        registry.metrics.pushes["delivered" if result["delivered"] else "offline"] += 1
         return result
 
     return count
@@ -144,6 +146,17 @@ def payload(request: dict) -> bytes:
     if isinstance(value, str):
         return value.encode("utf-8")
     return orjson.dumps(value)
+
+
+def ttl(registry: Registry, request: dict) -> int:
+    """Seconds to keep a push in history (0: not kept); the service default if absent."""
+    history = registry.history
+    if "ttl" not in request:
+        return history.default_ttl if history is not None else 0
+    seconds = integer(request, "ttl", 0, 0, MAX_TTL)
+    if seconds and history is None:
+        raise RequestError("history is not enabled on this service")
+    return seconds
 
 
 def excluded(request: dict) -> frozenset[str]:
@@ -185,17 +198,34 @@ def delivery(reached: int) -> Result:
 
 @command("push", delivery=True)
 def push(registry: Registry, request: dict) -> Reply:
-    """Send data to every connection of some uids, or of some groups' members."""
+    """Send data to every connection of some uids, or of some groups' members.
+
+    With a ``ttl`` the push is also kept in each uid's (group's) history for
+    clients that reconnect later, and frames carry positions (pushsvc.history).
+    """
     if "group" in request:
         if "uid" in request:
             raise RequestError("give uid or group, not both")
-        reached = registry.push_groups(names(request, "group"), payload(request), excluded(request))
+        groups, data, skip = names(request, "group"), payload(request), excluded(request)
+        seconds = ttl(registry, request)
+        if seconds:
+            return then(
+                registry.history.push_groups(groups, data, skip, seconds),  # type: ignore[union-attr]
+                count_push(registry),
+            )
+        reached = registry.push_groups(groups, data, skip)
     else:
         uids = names(request, "uid")
         data = payload(request)
         if "exclude" in request:
             skip = excluded(request)
             uids = [u for u in uids if u not in skip]
+        seconds = ttl(registry, request)
+        if seconds:
+            return then(
+                registry.history.push(uids, data, seconds),  # type: ignore[union-attr]
+                count_push(registry),
+            )
         reached = registry.push(uids, data)
     return then(then(reached, delivery), count_push(registry))
 
@@ -203,6 +233,8 @@ def push(registry: Registry, request: dict) -> Reply:
 @command("broadcast", delivery=True)
 def broadcast(registry: Registry, request: dict) -> Reply:
     """Send data to every authenticated connection, but those of ``exclude``."""
+    if "ttl" in request:
+        raise RequestError("broadcast keeps no history: ttl is for uid and group pushes")
     registry.metrics.broadcasts += 1
     return then(registry.broadcast(payload(request), excluded(request)), delivery)
 

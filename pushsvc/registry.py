@@ -22,6 +22,7 @@ from pushsvc.metrics import Metrics
 
 if TYPE_CHECKING:
     from pushsvc.cluster import Cluster
+    from pushsvc.history import History
 
 NOBODY: frozenset[str] = frozenset()
 DRAIN_STEP = 0.05  # seconds between batches of 1001 closes during --drain-window
@@ -77,6 +78,8 @@ class Registry(Service):
         # then every public delivery and presence call also routes through
         # Redis, and the results may be Deferreds.
         self.cluster: Cluster | None = None
+        # Set by pushsvc.history.History: stored pushes (ttl) and recovery.
+        self.history: History | None = None
 
     # -- connection lifecycle (called by the WebSocket frontend) ---------
 
@@ -298,6 +301,10 @@ class Registry(Service):
         members = set(self._group_uids.get(group, ()))
         members.update(self._uid_of[conn] for conn in self._group_conns.get(group, ()))
         return members
+
+    def in_group(self, uid: str, group: str) -> bool:
+        """Whether a backend joined ``uid`` to ``group`` (token groups are per connection)."""
+        return uid in self._group_uids.get(group, ())
 
     def group_count(self) -> int:
         return len(self._group_uids.keys() | self._group_conns.keys())

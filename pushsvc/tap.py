@@ -17,6 +17,7 @@ from pushsvc.access import BACKEND_SECRET_ENV, BackendGate, FailureThrottle, Ori
 from pushsvc.auth import API_KEY_ENV, SECRET_ENV, load_secret, make_authenticator
 from pushsvc.backend import BackendFactory
 from pushsvc.browser import FactoryService
+from pushsvc.history import DEFAULT_SIZE, MAX_TTL, History
 from pushsvc.http import make_site
 from pushsvc.limits import DEFAULT_MAX_QUEUE, default_max_connections
 from pushsvc.registry import Registry
@@ -175,6 +176,21 @@ class Options(usage.Options):
             float,
         ],
         ["drain-timeout", None, 5.0, "Seconds shutdown waits for clients to close.", float],
+        [
+            "history-ttl",
+            None,
+            0,
+            "Seconds a push is kept for clients that reconnect, when it gives no ttl "
+            f"(0: only pushes with a ttl are kept; at most {MAX_TTL}).",
+            int,
+        ],
+        [
+            "history-size",
+            None,
+            DEFAULT_SIZE,
+            "Messages kept per uid or group for clients that reconnect.",
+            int,
+        ],
         *LIMIT_PARAMETERS,
         ["log-level", None, "info", "Log level for Autobahn's own messages (debug is per frame)."],
     ]
@@ -200,6 +216,10 @@ class Options(usage.Options):
         for name in ("ping-interval", "ping-timeout"):
             if self[name] < 0:
                 raise usage.UsageError(f"--{name} must not be negative")
+        if not 0 <= self["history-ttl"] <= MAX_TTL:
+            raise usage.UsageError(f"--history-ttl must be from 0 to {MAX_TTL}")
+        if not 1 <= self["history-size"] <= 100000:
+            raise usage.UsageError("--history-size must be from 1 to 100000")
         if self["log-level"] not in log_levels:
             raise usage.UsageError(f"--log-level must be one of {', '.join(log_levels)}")
         try:
@@ -229,6 +249,9 @@ def makeService(config: Options) -> service.MultiService:
             heartbeat=config["cluster-heartbeat"],
         ).setServiceParent(top)
         log.info("cluster member through Redis {urls}", urls=", ".join(config["redis"]))
+    History(
+        registry, size=config["history-size"], default_ttl=config["history-ttl"]
+    ).setServiceParent(top)
 
     authenticator = make_authenticator(config["secret"])
     if authenticator.signed:

@@ -24,6 +24,7 @@ from pushsvc.auth import (
     JWTAuthenticator,
     UidAuthenticator,
 )
+from pushsvc.history import Position, parse_hello
 from pushsvc.limits import (
     CLOSE_RATE_LIMITED,
     CLOSE_SLOW_CONSUMER,
@@ -79,9 +80,17 @@ class PushServerProtocol(WebSocketServerProtocol):
             self._refuse(AuthError(CLOSE_BAD_REQUEST, "the first frame must be a text frame"))
             return
         # Autobahn has already checked that text frames are valid UTF-8.
-        self._authenticate(payload.decode("utf-8"))
+        credential = payload.decode("utf-8")
+        since = None
+        if credential.startswith("{"):  # maybe a hello: {"uid"|"token": ..., "since": {...}}
+            try:
+                credential, since = parse_hello(credential)
+            except AuthError as e:
+                self._refuse(e)
+                return
+        self._authenticate(credential, since)
 
-    def _authenticate(self, credential: str) -> None:
+    def _authenticate(self, credential: str, since: dict[str, Position] | None = None) -> None:
         try:
             identity = self.factory.authenticator.authenticate(credential)
         except AuthError as e:
@@ -93,7 +102,10 @@ class PushServerProtocol(WebSocketServerProtocol):
             self.sendClose(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
             return
         self.uid = identity.uid
-        self.factory.registry.identify(self, identity.uid, identity.groups)
+        registry = self.factory.registry
+        registry.identify(self, identity.uid, identity.groups)
+        if since is not None and registry.history is not None:
+            registry.history.recover(self, identity.uid, identity.groups, since)
 
     def _refuse(self, error: AuthError) -> None:
         self.factory.registry.metrics.auth_failures[str(error.code)] += 1
