@@ -456,3 +456,52 @@ def test_push_mjs_is_an_es_module(context: BrowserContext, server) -> None:
 def test_screenshot_is_committed() -> None:
     """docs/demo.png is what the README shows; PUSHSVC_SCREENSHOT=1 regenerates it."""
     assert Path(SCREENSHOT).stat().st_size > 10_000
+
+
+RECOVERING_CLIENT = """([url, uid]) => {
+    window.log = JSON.parse(sessionStorage.getItem('log') || '[]');
+    window.events = [];
+    const c = new PushClient(url, {uid, persist: true, backoffBase: 50, backoffCap: 400});
+    c.on('message', ({data, offset}) => {
+        log.push([offset, data]);
+        sessionStorage.setItem('log', JSON.stringify(log));
+    });
+    c.on('recovered', ({channel}) => events.push('recovered ' + channel));
+    c.on('recoverfailed', ({channel}) => events.push('recoverfailed ' + channel));
+    window.c = c.connect();
+}"""
+
+
+def test_a_reloaded_page_misses_nothing_and_sees_nothing_twice(
+    context: BrowserContext, server
+) -> None:
+    """persist: positions survive a reload in sessionStorage, and the hello recovers the gap."""
+    user, count = "reload-" + str(time.monotonic_ns()), 60
+    page, _ = blank_page(context, server)
+    url = f"ws://127.0.0.1:{server.http_port}/ws"
+    page.evaluate(RECOVERING_CLIENT, [url, user])
+    wait_online(server, user)
+    done = threading.Event()
+
+    def backend() -> None:
+        with server.backend() as b:
+            for i in range(1, count + 1):
+                reply = b.request(f'{{"uid":"{user}","data":"m{i}","ttl":60}}')
+                assert reply in (b"ok", b"queued"), reply
+                time.sleep(0.02)
+        done.set()
+
+    thread = threading.Thread(target=backend, daemon=True)
+    thread.start()
+    for seen in (5, 25):  # reload twice mid-stream, once the page has positions
+        page.wait_for_function(f"log.length >= {seen}")
+        page.reload()
+        page.add_script_tag(url="/push.js")
+        page.evaluate(RECOVERING_CLIENT, [url, user])
+    thread.join(10)
+    assert done.is_set()
+    page.wait_for_function(f"log.length >= {count}")
+    time.sleep(0.2)  # a duplicate would arrive about now
+    log = page.evaluate("log")
+    assert log == [[i, f"m{i}"] for i in range(1, count + 1)]
+    assert page.evaluate("events") == [f"recovered u:{user}"]  # the last page's recovery

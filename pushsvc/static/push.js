@@ -12,8 +12,10 @@
  * It reconnects by itself (exponential backoff with full jitter), sends the
  * uid or token as the first frame of every connection (asking getToken for a
  * fresh token each time), and stops for good on the close codes that say
- * retrying cannot help. docs/browser.md describes the events, the states and
- * every close code.
+ * retrying cannot help. For pushes kept in history (a ttl) it tracks each
+ * channel's position and sends it with the next hello, so the server replays
+ * what was missed ({persist: true} keeps positions across page reloads).
+ * docs/browser.md describes the events, the states and every close code.
  */
 (function (root) {
   'use strict';
@@ -59,6 +61,11 @@
       this._wasOffline = false;
       this._onOnline = () => this._online();
       this._onOffline = () => { this._wasOffline = true; };
+      // Channel -> [offset, epoch] of the last stored push seen (docs/protocol.md, Recovery).
+      this.persist = options.persist || false;
+      this._storageKey = typeof this.persist === 'string' ? this.persist
+        : 'pushsvc:' + this.url + '|' + (this.uid !== undefined ? String(this.uid) : '');
+      this.positions = this._load();
     }
 
     /* fn(detail) on every `type` event; returns a function that removes it. */
@@ -119,7 +126,7 @@
       ws.onopen = () => {
         if (ws !== this._ws) return;
         clearTimeout(this._timer);
-        ws.send(credential); // who we are, first thing on every connection
+        ws.send(this._hello(credential)); // who we are, first thing on every connection
         this.connections++;
         this._wasOffline = false;
         this._stable = setTimeout(() => { this.attempt = 0; }, this.stableAfter);
@@ -127,11 +134,58 @@
         this._emit('open', {url: this.url});
       };
       ws.onmessage = (event) => {
-        if (ws === this._ws) this._emit('message', {data: event.data});
+        if (ws === this._ws) this._received(event.data);
       };
       ws.onclose = (event) => {
         if (ws === this._ws) this._closed(event);
       };
+    }
+
+    /* The first frame: the bare credential, or a hello with the positions to resume from. */
+    _hello(credential) {
+      if (Object.keys(this.positions).length === 0) return credential;
+      const key = this.uid !== undefined && !this.getToken ? 'uid' : 'token';
+      return JSON.stringify({[key]: credential, since: this.positions});
+    }
+
+    /* A plain push is its text; a stored one comes in an envelope with its position. */
+    _received(data) {
+      if (typeof data === 'string' && data.startsWith('{"pushsvc":')) {
+        let m = null;
+        try { m = JSON.parse(data); } catch (e) { /* not ours after all: plain text */ }
+        if (m && m.pushsvc === 'msg') {
+          const known = this.positions[m.ch];
+          if (!known || known[1] !== m.ep || m.off > known[0]) this._track(m.ch, m.off, m.ep);
+          this._emit('message', {data: m.data, channel: m.ch, offset: m.off, epoch: m.ep});
+          return;
+        }
+        if (m && m.pushsvc === 'recovery') {
+          // Resume from the stream's position either way: after a failure the
+          // application refetches its state, and only newer pushes matter.
+          if (m.off !== null) this._track(m.ch, m.off, m.ep);
+          const detail = {channel: m.ch, offset: m.off, epoch: m.ep};
+          this._emit(m.recovered ? 'recovered' : 'recoverfailed', detail);
+          return;
+        }
+      }
+      this._emit('message', {data});
+    }
+
+    _track(channel, offset, epoch) {
+      this.positions[channel] = [offset, epoch];
+      if (!this.persist) return;
+      try {
+        root.sessionStorage.setItem(this._storageKey, JSON.stringify(this.positions));
+      } catch (e) { /* storage full or disabled: positions live as long as the page */ }
+    }
+
+    _load() {
+      if (!this.persist) return {};
+      try {
+        return JSON.parse(root.sessionStorage.getItem(this._storageKey)) || {};
+      } catch (e) {
+        return {};
+      }
     }
 
     _closed(event) {
