@@ -130,6 +130,7 @@ class Hub:
     """
 
     def __init__(self, host: str, port: int) -> None:
+        """Precompute the handshake and ping bytes every client sends."""
         key = base64.b64encode(os.urandom(16))
         self.handshake = (
             b"GET / HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\n"
@@ -195,6 +196,7 @@ class WsClient(asyncio.Protocol):
     )
 
     def __init__(self, uid: str, hub: Hub, ready: asyncio.Future[None]) -> None:
+        """A browser that will announce ``uid``; ``ready`` resolves once registered."""
         self.uid = uid
         self.hub = hub
         self.ready = ready
@@ -206,10 +208,12 @@ class WsClient(asyncio.Protocol):
         self.parts: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Send the opening handshake right away."""
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
         self.transport.write(self.hub.handshake)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """A connection lost before it was ready fails the set-up."""
         self.hub.closed += 1
         if not self.ready.done():
             self.ready.set_exception(
@@ -217,6 +221,7 @@ class WsClient(asyncio.Protocol):
             )
 
     def data_received(self, data: bytes) -> None:
+        """Check the 101 response first, then parse frames."""
         if self.is_open:
             self.hub.reads += 1
             self.parse(self.buf + data if self.buf else data)
@@ -338,6 +343,7 @@ class Backend(asyncio.Protocol):
     """
 
     def __init__(self) -> None:
+        """Idle until ``submit`` or ``write_now``."""
         self.transport: asyncio.Transport | None = None
         self.buf = b""
         self.replies: Counter[bytes] = Counter()
@@ -351,15 +357,18 @@ class Backend(asyncio.Protocol):
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport for writing requests."""
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
 
     def connection_lost(self, exc: Exception | None) -> None:
+        """A lost backend connection fails the batch in flight."""
         if self.done is not None and not self.done.done():
             self.done.set_exception(BenchError(f"backend connection lost ({exc})"))
         if not self.lost.done():
             self.lost.set_result(None)
 
     def data_received(self, data: bytes) -> None:
+        """Count reply lines and top up the pipeline."""
         lines = (self.buf + data).split(b"\n")
         self.buf = lines.pop()
         self.replies.update(lines)

@@ -62,7 +62,7 @@ def message_text(request: dict[str, Any]) -> str:
     return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
-async def push_to_uid(uid: Any, text: str) -> bool:
+async def push_to_uid(uid: object, text: str) -> bool:
     """Send ``text`` to every connection of ``uid``; True if any accepted it."""
     delivered = False
     for ws in list(registry.get(str(uid), ())):

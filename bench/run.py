@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402
 
 HOST = "127.0.0.1"
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 BENCH_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = BENCH_DIR.parent
 # Servers get the project root on PYTHONPATH: Twisted's plugin scan does not
@@ -192,7 +194,7 @@ def stop_server(server: Server) -> None:
 # --------------------------------------------------------------------------
 
 
-def new_loop_factory(kind: str) -> Any:
+def new_loop_factory(kind: str) -> LoopFactory:
     """Event loop for the generator: uvloop when available (cheaper per event)."""
     if kind in ("auto", "uvloop"):
         try:
@@ -206,7 +208,7 @@ def new_loop_factory(kind: str) -> Any:
 
 
 def run_session(
-    template: str, name: str, session: str, cfg: loadgen.Config, log_dir: Path, loop: Any
+    template: str, name: str, session: str, cfg: loadgen.Config, log_dir: Path, loop: LoopFactory
 ) -> dict[str, Any]:
     """One fresh server, one session of scenarios, then teardown."""
     server = start_server(template, log_dir, name)
@@ -386,7 +388,7 @@ def render_logs(results: dict[str, list[dict[str, Any]]], names: list[str]) -> s
 
 
 def profile_pushsvc(
-    template: str, cfg: loadgen.Config, log_dir: Path, out_dir: Path, loop: Any
+    template: str, cfg: loadgen.Config, log_dir: Path, out_dir: Path, loop: LoopFactory
 ) -> str:
     """Sample the server with py-spy per phase (connect, unicast, broadcast).
 
@@ -398,7 +400,7 @@ def profile_pushsvc(
     pid = str(server.proc.pid)
     raws: list[tuple[str, Path]] = []
 
-    async def sampled(phase: str, work: Any) -> Any:
+    async def sampled(phase: str, work: Awaitable[Any]) -> Any:
         raw = out_dir / f"pushsvc-{phase}.txt"
         spy = subprocess.Popen(
             ["py-spy", "record", "--pid", pid, "--rate", "250", "--format", "raw", "-o", str(raw)],
