@@ -158,9 +158,19 @@ class PushServerProtocol(WebSocketServerProtocol):
             self.dropConnection(abort=True)
 
     def onAutoPingTimeout(self) -> None:
-        """No pong in time: counted, then Autobahn aborts the connection."""
+        """No pong in time: counted, dropped, and logged once a minute (Autobahn logs each)."""
         self.factory.registry.metrics.disconnects["ping_timeout"] += 1
-        super().onAutoPingTimeout()
+        self.factory.log_once(
+            "ping_timeout",
+            "dropped a WebSocket that answered no ping within {timeout} s ({peer}); "
+            "more in the next 60 s are only counted in /metrics",
+            timeout=self.autoPingTimeout,
+            peer=self.peer,
+        )
+        self.autoPingTimeoutCall = None
+        self.wasNotCleanReason = "WebSocket ping timeout"
+        self.wasClean = True  # an expected end: no per-connection warning from dropConnection
+        self.dropConnection(abort=True)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: object = None) -> None:
         """Refuse the opening handshake: counted, and logged at most once a minute.
@@ -210,7 +220,7 @@ class PushServerFactory(WebSocketServerFactory):
         self.client_rate = client_rate
         self.client_burst = max(client_burst, 1) if client_rate else 0
         self.origins = allowed_origins or OriginPolicy(None)
-        self._refusals_logged_until = 0.0
+        self._logged_until: dict[str, float] = {}
         # All options in one call: a second setProtocolOptions call resets
         # allowNullOrigin and friends to their defaults.
         self.setProtocolOptions(
@@ -260,16 +270,21 @@ class PushServerFactory(WebSocketServerFactory):
     def refused(self, code: int, reason: str, peer: str | None) -> None:
         """Count a refused handshake; log one line a minute at most."""
         self.registry.metrics.handshake_refusals[str(code)] += 1
+        self.log_once(
+            "refused",
+            "refused a WebSocket handshake from {peer}: {code} {reason} "
+            "(further refusals in the next 60 s are only counted in /metrics)",
+            peer=peer,
+            code=code,
+            reason=reason,
+        )
+
+    def log_once(self, kind: str, message: str, **fields: object) -> None:
+        """Log ``message`` at most once a minute per ``kind``: for events clients cause in bulk."""
         now = time.monotonic()
-        if now >= self._refusals_logged_until:
-            self._refusals_logged_until = now + 60.0
-            log.info(
-                "refused a WebSocket handshake from {peer}: {code} {reason} "
-                "(further refusals in the next 60 s are only counted in /metrics)",
-                peer=peer,
-                code=code,
-                reason=reason,
-            )
+        if now >= self._logged_until.get(kind, 0.0):
+            self._logged_until[kind] = now + 60.0
+            log.info(message, **fields)
 
     def _close_unauthenticated(self) -> None:
         """One sweep for every connection's auth timeout, instead of a timer each."""

@@ -34,6 +34,9 @@ def test_client_that_stops_answering_pings_is_dropped(start_server) -> None:
         assert b.request('{"uid":"hb-alive","data":"still here"}') == b"ok"
     assert alive.recv(timeout=5) == "still here"
     assert metric(server, 'pushsvc_forced_disconnects_total{reason="ping_timeout"}') == 1
+    log = server.log()
+    assert "dropped a WebSocket that answered no ping within 2.0 s" in log
+    assert "dropping connection" not in log  # Autobahn's per-connection warning
     server.wait_for(lambda s: s["connections"] == 1)
     alive.close()
     dead.close()
