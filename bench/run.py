@@ -566,7 +566,8 @@ def main() -> None:
     print(
         f"# {info['nproc']} CPUs, {info['cpu']}, Python {info['python']}; "
         f"project at {info['commit']}; {time.strftime('%Y-%m-%d %H:%M %Z')}; "
-        f"fd limit {fd_limit}; generator loop {loop.__module__}; {reps} repetition(s); "
+        f"fd limit {fd_limit}; generator loop {loop.__module__.split('.')[0]}; "
+        f"{reps} repetition(s); "
         f"load average at start {Path('/proc/loadavg').read_text().split()[0]}",
         flush=True,
     )
