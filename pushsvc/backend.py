@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from pushsvc import commands
 from pushsvc.access import BackendGate, auth_again, is_auth_request
+from pushsvc.fastpath import write_now
 from pushsvc.registry import Registry
 
 OK = b"ok\n"
@@ -127,7 +128,7 @@ class BackendProtocol(LineReceiver):
         except Exception:
             self.log.failure("command failed")
             return error_line("internal error", rid)
-        if isinstance(result, Deferred):
+        if type(result) is not dict and isinstance(result, Deferred):
             return result.addCallbacks(
                 lambda r: result_line(cmd, r, rid), lambda f: self._failed(f, rid)
             )
@@ -147,8 +148,8 @@ class BackendProtocol(LineReceiver):
     # -- ordered replies ------------------------------------------------------
 
     def _send(self, replies: list[bytes | Deferred[bytes]]) -> None:
-        if self._waiting is None and not any(isinstance(r, Deferred) for r in replies):
-            self.transport.write(b"".join(replies))  # type: ignore[arg-type]
+        if self._waiting is None and all(type(r) is bytes for r in replies):
+            write_now(self.transport, b"".join(replies))  # type: ignore[arg-type]
             return
         if self._waiting is None:
             self._waiting = deque()

@@ -107,13 +107,15 @@ def execute(
     return cmd, result
 
 
-def count_push(registry: Registry) -> Callable[[Result], Result]:
-    def count(result: Result) -> Result:
-        # A push stored for later (ttl) is ok without being delivered: offline.
-        registry.metrics.pushes["delivered" if result["delivered"] else "offline"] += 1
-        return result
+def count_push(result: Result, registry: Registry) -> Result:
+    # A push stored for later (ttl) is ok without being delivered: offline.
+    registry.metrics.pushes["delivered" if result["delivered"] else "offline"] += 1
+    return result
 
-    return count
+
+def counted_delivery(reached: int, registry: Registry) -> Result:
+    registry.metrics.pushes["delivered" if reached else "offline"] += 1
+    return {"ok": reached > 0, "delivered": reached}
 
 
 # -- field validation shared by the commands --------------------------------
@@ -182,11 +184,16 @@ def done(_: object) -> Result:
     return {"ok": True}
 
 
-def then(value: Any, fn: Callable[[Any], Any]) -> Any:
+# Results that are never Deferreds; checked first because isinstance() against
+# Deferred goes through ABCMeta (Deferred is an Awaitable), measurably slow per push.
+_PLAIN = (int, dict, tuple, type(None))
+
+
+def then(value: Any, fn: Callable[..., Any], *args: Any) -> Any:
     """Apply ``fn`` now, or when ``value`` arrives if it is a Deferred (cluster mode)."""
-    if isinstance(value, Deferred):
-        return value.addCallback(fn)
-    return fn(value)
+    if type(value) in _PLAIN or not isinstance(value, Deferred):
+        return fn(value, *args)
+    return value.addCallback(fn, *args)
 
 
 def delivery(reached: int) -> Result:
@@ -211,7 +218,8 @@ def push(registry: Registry, request: dict) -> Reply:
         if seconds:
             return then(
                 registry.history.push_groups(groups, data, skip, seconds),  # type: ignore[union-attr]
-                count_push(registry),
+                count_push,
+                registry,
             )
         reached = registry.push_groups(groups, data, skip)
     else:
@@ -224,10 +232,11 @@ def push(registry: Registry, request: dict) -> Reply:
         if seconds:
             return then(
                 registry.history.push(uids, data, seconds),  # type: ignore[union-attr]
-                count_push(registry),
+                count_push,
+                registry,
             )
         reached = registry.push(uids, data)
-    return then(then(reached, delivery), count_push(registry))
+    return then(reached, counted_delivery, registry)
 
 
 @command("broadcast", delivery=True)

@@ -17,6 +17,7 @@ from pushsvc.access import BACKEND_SECRET_ENV, BackendGate, FailureThrottle, Ori
 from pushsvc.auth import API_KEY_ENV, SECRET_ENV, load_secret, make_authenticator
 from pushsvc.backend import BackendFactory
 from pushsvc.browser import FactoryService
+from pushsvc.fastpath import quiet_autobahn_debug
 from pushsvc.history import DEFAULT_SIZE, MAX_TTL, History
 from pushsvc.http import make_site
 from pushsvc.limits import DEFAULT_MAX_QUEUE, default_max_connections
@@ -235,6 +236,8 @@ def makeService(config: Options) -> service.MultiService:
     # Autobahn logs every frame at debug level through txaio; keep that off
     # the hot path unless asked for.
     txaio.set_global_log_level(config["log-level"])
+    if config["log-level"] != "debug":
+        quiet_autobahn_debug()
     top = service.MultiService()
     registry = Registry(drain_timeout=config["drain-timeout"], drain_window=config["drain-window"])
     registry.setName("registry")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
@@ -24,6 +25,7 @@ from pushsvc.auth import (
     JWTAuthenticator,
     UidAuthenticator,
 )
+from pushsvc.fastpath import write_now
 from pushsvc.history import Position, parse_hello
 from pushsvc.limits import (
     CLOSE_RATE_LIMITED,
@@ -113,6 +115,24 @@ class PushServerProtocol(WebSocketServerProtocol):
         log.info("authentication failed from {peer}: {reason}", peer=self.peer, reason=error.reason)
         self.sendClose(error.code, error.reason[:120])
 
+    def sendPreparedMessage(self, preparedMsg: PreparedMessage) -> None:
+        """The push hot path: write the frame straight to the socket when nothing is in the way.
+
+        Autobahn's own path (``sendData``) builds debug-log arguments and
+        queues the write for the next reactor turn; an open, uncompressed
+        connection with nothing queued needs none of that.  Anything else
+        (compression, Autobahn's send queue, the slow-consumer guard counting
+        through ``sendData``) takes Autobahn's path.
+        """
+        if (
+            self._perMessageCompress is None
+            and not self.send_queue
+            and "sendData" not in self.__dict__
+        ):
+            write_now(self.transport, preparedMsg.payloadHybi)
+        else:
+            super().sendPreparedMessage(preparedMsg)
+
     def goAway(self) -> None:
         """Close with 1001 at shutdown.
 
@@ -158,19 +178,33 @@ class PushServerProtocol(WebSocketServerProtocol):
             self.dropConnection(abort=True)
 
     def onAutoPingTimeout(self) -> None:
-        """No pong in time: counted, dropped, and logged once a minute (Autobahn logs each)."""
+        """No pong in time: counted, then Autobahn drops the connection."""
         self.factory.registry.metrics.disconnects["ping_timeout"] += 1
+        super().onAutoPingTimeout()
+
+    def dropConnection(self, abort: bool = False) -> None:
+        """Drop the TCP connection; an unclean drop is logged once a minute per reason.
+
+        Autobahn warns for every connection dropped after a ping or closing
+        handshake timeout; a network event that strands thousands of browsers,
+        or a drain whose clients vanished, would write a line for each.
+        """
+        if self.wasClean or self.state == self.STATE_CLOSED:
+            super().dropConnection(abort)
+            return
+        reason = self.wasNotCleanReason or "connection dropped"
         self.factory.log_once(
-            "ping_timeout",
-            "dropped a WebSocket that answered no ping within {timeout} s ({peer}); "
-            "more in the next 60 s are only counted in /metrics",
-            timeout=self.autoPingTimeout,
+            "drop: " + reason,
+            "dropped a WebSocket ({peer}): {reason}; more for this reason in the next 60 s "
+            "are not logged",
             peer=self.peer,
+            reason=reason,
         )
-        self.autoPingTimeoutCall = None
-        self.wasNotCleanReason = "WebSocket ping timeout"
-        self.wasClean = True  # an expected end: no per-connection warning from dropConnection
-        self.dropConnection(abort=True)
+        self.wasClean = True  # only while Autobahn's method runs: it warns when False
+        try:
+            super().dropConnection(abort)
+        finally:
+            self.wasClean = False
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: object = None) -> None:
         """Refuse the opening handshake: counted, and logged at most once a minute.
@@ -246,6 +280,17 @@ class PushServerFactory(WebSocketServerFactory):
             # ?redirect=<url> an open redirect; answer 426 instead.
             webStatus=False,
         )
+        # Autobahn copies every option from the factory onto each connection
+        # unless the protocol class already has it: give this factory its own
+        # protocol class holding the options, so a connection stores none.
+        # (Callables such as perMessageCompressionAccept must stay plain
+        # functions, not become methods of the class.)
+        options = {
+            name: staticmethod(value) if callable(value) else value
+            for name in self.protocol.CONFIG_ATTRS
+            for value in [getattr(self, name)]
+        }
+        self.protocol = type(self.protocol.__name__, (self.protocol,), options)
         self._sweeper = LoopingCall(self._close_unauthenticated)
 
     def startFactory(self) -> None:
