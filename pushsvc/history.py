@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from autobahn.websocket.protocol import PreparedMessage
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -415,6 +415,10 @@ class History(Service):
                 calls.append(d)
             return defer.gatherResults(calls)
 
+        def fresh(prepared: PreparedMessage, covered: dict[str, int]) -> bool:
+            pos = position_of(prepared)
+            return pos is None or pos[1] > covered.get(pos[0], -1)
+
         def finish(recoveries: list[Recovery]) -> None:
             del conn.sendPreparedMessage  # type: ignore[attr-defined]
             covered = {}
@@ -423,9 +427,19 @@ class History(Service):
                 if recovery.offset is not None:
                     covered[recovery.channel] = recovery.offset
             for prepared in held:
-                pos = position_of(prepared)
-                if pos is None or pos[1] > covered.get(pos[0], -1):
+                if fresh(prepared, covered):
                     conn.sendPreparedMessage(prepared)
+            # A message the replay covered may still be on its way from the
+            # node that stored it (stored first, then PUBLISHed): keep dropping
+            # covered offsets until such a message would be past its deadline.
+            send = conn.sendPreparedMessage
+
+            def filtered(prepared: PreparedMessage) -> None:
+                if fresh(prepared, covered):
+                    send(prepared)
+
+            conn.sendPreparedMessage = filtered  # type: ignore[method-assign]
+            reactor.callLater(2 * cluster.timeout, conn.__dict__.pop, "sendPreparedMessage", None)
 
         d = cluster.subscribed(uid)
         d.addErrback(lambda _: None)  # not subscribed in time: the reads will say so
