@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -95,30 +95,24 @@ class MetricsCollector:
             "Payload bytes written to WebSocket connections.",
             value=m.bytes_sent,
         )
-        failures = CounterMetricFamily(
+        yield _labeled(
             "pushsvc_auth_failures",
             "Refused WebSocket authentications by close code.",
-            labels=["code"],
+            "code",
+            m.auth_failures,
         )
-        for code, count in sorted(m.auth_failures.items()):
-            failures.add_metric([code], count)
-        yield failures
-        disconnects = CounterMetricFamily(
+        yield _labeled(
             "pushsvc_forced_disconnects",
             "Connections closed by pushsvc, by reason.",
-            labels=["reason"],
+            "reason",
+            m.disconnects,
         )
-        for reason, count in sorted(m.disconnects.items()):
-            disconnects.add_metric([reason], count)
-        yield disconnects
-        refusals = CounterMetricFamily(
+        yield _labeled(
             "pushsvc_handshake_refusals",
             "WebSocket opening handshakes refused, by HTTP status.",
-            labels=["status"],
+            "status",
+            m.handshake_refusals,
         )
-        for status, count in sorted(m.handshake_refusals.items()):
-            refusals.add_metric([status], count)
-        yield refusals
         buckets, total = m.push_histogram()
         yield HistogramMetricFamily(
             "pushsvc_push_handling_seconds",
@@ -126,6 +120,13 @@ class MetricsCollector:
             buckets=buckets,
             sum_value=total,
         )
+
+
+def _labeled(name: str, doc: str, label: str, counts: Mapping[Any, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, count in sorted(counts.items()):
+        family.add_metric([str(key)], count)
+    return family
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
