@@ -35,7 +35,7 @@ def test_client_that_stops_answering_pings_is_dropped(start_server) -> None:
     assert alive.recv(timeout=5) == "still here"
     assert metric(server, 'pushsvc_forced_disconnects_total{reason="ping_timeout"}') == 1
     log = server.log()
-    assert "dropped a WebSocket that answered no ping within 2.0 s" in log
+    assert "WebSocket ping timeout" in log and "dropped a WebSocket (tcp4:127.0.0.1:" in log
     assert "dropping connection" not in log  # Autobahn's per-connection warning
     server.wait_for(lambda s: s["connections"] == 1)
     alive.close()
