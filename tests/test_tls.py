@@ -81,7 +81,13 @@ def test_wss_refuses_an_untrusted_client_view(tls_server) -> None:
 def test_slow_consumer_limit_applies_under_tls(tls_server) -> None:
     """The send-queue guard sits on the TLS transport too."""
     server, context = tls_server
-    ws = connect(f"wss://127.0.0.1:{server.ws_port}/", ssl=context, open_timeout=5, max_queue=1)
+    ws = connect(
+        f"wss://127.0.0.1:{server.ws_port}/",
+        ssl=context,
+        open_timeout=5,
+        close_timeout=1,  # its close frame sits behind what it never read
+        max_queue=1,
+    )
     ws.send("tls-slow")
     server.wait_for(lambda s: s["connections"] == 1)
     line = json.dumps({"uid": "tls-slow", "data": "z" * 100_000})
