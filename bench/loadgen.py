@@ -48,13 +48,18 @@ class BenchError(Exception):
 # --------------------------------------------------------------------------
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """Return utime + stime of ``pid`` in seconds (children not included)."""
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """Return (utime, stime) of ``pid`` in seconds (children not included)."""
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     # The command name may contain spaces; fields resume after the last ')'.
     fields = stat[stat.rindex(b")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """Return utime + stime of ``pid`` in seconds (children not included)."""
+    return sum(proc_cpu_split(pid))
 
 
 def proc_rss_kib(pid: int) -> int:
@@ -68,38 +73,57 @@ def proc_rss_kib(pid: int) -> int:
 
 @dataclass
 class Window:
-    """Wall time, server CPU and generator CPU spent between start() and stop()."""
+    """Wall time, server CPU and generator CPU spent between start() and stop().
+
+    The server's CPU is the sum over ``pid`` and ``extra`` (the other nodes
+    and Redis of a cluster); ``parts`` keeps each process's share.
+    """
 
     pid: int
+    extra: tuple[int, ...] = ()
     wall: float = 0.0
     server_cpu: float = 0.0
     gen_cpu: float = 0.0
     t0: float = 0.0
-    _cpu0: tuple[float, float] = (0.0, 0.0)
+    parts: tuple[float, ...] = ()
+    server_sys: float = 0.0
+    _cpu0: tuple[tuple[float, ...], float, float] = ((), 0.0, 0.0)
+
+    def _server(self) -> tuple[tuple[float, ...], float]:
+        split = [proc_cpu_split(pid) for pid in (self.pid, *self.extra)]
+        return tuple(u + s for u, s in split), sum(s for _, s in split)
 
     def start(self) -> None:
         """Take the opening readings."""
         self.t0 = time.perf_counter()
-        self._cpu0 = (proc_cpu_seconds(self.pid), time.process_time())
+        cpu, sys_cpu = self._server()
+        self._cpu0 = (cpu, sys_cpu, time.process_time())
 
     def stop(self) -> None:
         """Take the closing readings."""
         self.wall = time.perf_counter() - self.t0
-        self.server_cpu = proc_cpu_seconds(self.pid) - self._cpu0[0]
-        self.gen_cpu = time.process_time() - self._cpu0[1]
+        cpu, sys_cpu = self._server()
+        self.parts = tuple(b - a for a, b in zip(self._cpu0[0], cpu, strict=True))
+        self.server_cpu = sum(self.parts)
+        self.server_sys = sys_cpu - self._cpu0[1]
+        self.gen_cpu = time.process_time() - self._cpu0[2]
 
     def figures(self, count: int, unit: str) -> dict[str, Any]:
         """Rate, server CPU per unit and both processes' CPU share."""
         gen_share = self.gen_cpu / self.wall
-        return {
+        result = {
             "count": count,
             f"{unit}_per_s": count / self.wall,
             f"server_cpu_us_per_{unit}": self.server_cpu / count * 1e6,
             "server_cpu_pct": 100 * self.server_cpu / self.wall,
+            "server_sys_pct_of_cpu": 100 * self.server_sys / max(self.server_cpu, 1e-9),
             "gen_cpu_pct": 100 * gen_share,
             "generator_bound": gen_share >= GENERATOR_BOUND,
             "seconds": self.wall,
         }
+        if self.extra:
+            result[f"server_cpu_us_per_{unit}_by_process"] = [p / count * 1e6 for p in self.parts]
+        return result
 
 
 # --------------------------------------------------------------------------
@@ -411,12 +435,13 @@ class Backend(asyncio.Protocol):
         self.transport.write(data)
 
 
-async def open_backends(host: str, port: int, count: int) -> list[Backend]:
-    """Open ``count`` backend connections to the text port."""
+async def open_backends(host: str, port: int | tuple[int, ...], count: int) -> list[Backend]:
+    """Open ``count`` backend connections to the text port (round robin over several)."""
     loop = asyncio.get_running_loop()
+    ports = port if isinstance(port, tuple) else (port,)
     backends = []
-    for _ in range(count):
-        _, proto = await loop.create_connection(Backend, host, port)
+    for i in range(count):
+        _, proto = await loop.create_connection(Backend, host, ports[i % len(ports)])
         backends.append(proto)
     return backends
 
@@ -450,12 +475,28 @@ def push_line(uid: str, text: str, key: str = "data") -> bytes:
 
 @dataclass
 class Target:
-    """Where the server listens and which process to watch."""
+    """Where the server listens and which processes to watch.
+
+    A cluster adds the other processes whose CPU counts (``extra_pids``: the
+    other nodes, Redis) and may spread backends over several text ports
+    (``backend_ports``).
+    """
 
     host: str
     ws_port: int
     text_port: int
     pid: int
+    extra_pids: tuple[int, ...] = ()
+    backend_ports: tuple[int, ...] = ()
+
+    def window(self) -> Window:
+        """A measuring window over every process of this target."""
+        return Window(self.pid, self.extra_pids)
+
+    @property
+    def backend_port(self) -> int | tuple[int, ...]:
+        """Where backend connections go."""
+        return self.backend_ports or self.text_port
 
 
 @dataclass
@@ -482,7 +523,7 @@ async def scenario_connect(
     """Connect ``n`` browsers; connections/s, server CPU and RSS per connection."""
     rss_before = proc_rss_kib(target.pid)
     uids = [f"{prefix}{i}" for i in range(n)]
-    window = Window(target.pid)
+    window = target.window()
     window.start()
     clients = await asyncio.wait_for(
         connect_clients(hub, target.host, target.ws_port, uids, cfg.connect_window), cfg.timeout
@@ -499,13 +540,23 @@ async def scenario_connect(
 
 
 async def scenario_unicast(
-    target: Target, hub: Hub, clients: list[WsClient], backends_n: int, cfg: Config
+    target: Target,
+    hub: Hub,
+    clients: list[WsClient],
+    backends_n: int,
+    cfg: Config,
+    loss_wait: float = 0.0,
 ) -> dict[str, Any]:
     """Pipeline unicast pushes over ``backends_n`` backend connections.
 
     Push ``j`` of a batch goes to client ``j mod N`` with payload ``j``; each
     client counts and sums what it receives, so a lost, duplicated or
     misrouted frame is caught.  Batches repeat until ``cfg.min_seconds``.
+
+    With ``loss_wait`` > 0 (a cluster), frames still missing that long after
+    the last reply are counted as lost (``lost``) instead of failing the run:
+    a node drops messages that reach it after their deadline, even when the
+    backend was already told ``ok``.
     """
     n, pushes = len(clients), cfg.unicast_pushes
     expected_sum = [0] * n
@@ -524,9 +575,9 @@ async def scenario_unicast(
         hub.count()
 
     hub.on_text = on_text
-    backends = await open_backends(target.host, target.text_port, backends_n)
-    window = Window(target.pid)
-    batches = 0
+    backends = await open_backends(target.host, target.backend_port, backends_n)
+    window = target.window()
+    batches = lost = 0
     hub.reads = 0
     window.start()
     while batches == 0 or time.perf_counter() - window.t0 < cfg.min_seconds:
@@ -537,7 +588,22 @@ async def scenario_unicast(
             b.submit(lines, cfg.pipeline_window)
             for b, lines in zip(backends, per_backend, strict=True)
         ]
-        await asyncio.wait_for(asyncio.gather(frames_done, *replies), cfg.timeout)
+        if loss_wait:
+            await asyncio.wait_for(asyncio.gather(*replies), cfg.timeout)
+            check_replies(backends, b"ok", pushes)
+            try:
+                await asyncio.wait_for(asyncio.shield(frames_done), loss_wait)
+            except asyncio.TimeoutError:
+                lost += pushes - hub.frames
+            batches += 1
+            continue
+        try:
+            await asyncio.wait_for(asyncio.gather(frames_done, *replies), cfg.timeout)
+        except asyncio.TimeoutError:
+            raise BenchError(
+                f"timeout: {hub.frames} of {pushes} frames arrived, replies"
+                f" {sum((b.replies for b in backends), Counter[bytes]()).most_common(3)}"
+            ) from None
         check_replies(backends, b"ok", pushes)
         for i, client in enumerate(clients):
             if client.received != expected_count[i] or client.checksum != expected_sum[i]:
@@ -550,6 +616,8 @@ async def scenario_unicast(
     close_backends(backends)
     result = window.figures(pushes * batches, "push")
     result["frames_per_read"] = pushes * batches / max(hub.reads, 1)
+    result["lost"] = lost
+    result["lost_pct"] = 100 * lost / (pushes * batches)
     return result
 
 
@@ -557,8 +625,8 @@ async def scenario_offline(target: Target, hub: Hub, cfg: Config) -> dict[str, A
     """Pushes to uids nobody holds: every reply must be ``fail``."""
     pushes = cfg.offline_pushes
     lines = [push_line(f"offline{j}", str(j)) for j in range(pushes)]
-    backends = await open_backends(target.host, target.text_port, 1)
-    window = Window(target.pid)
+    backends = await open_backends(target.host, target.backend_port, 1)
+    window = target.window()
     batches = 0
     window.start()
     while batches == 0 or time.perf_counter() - window.t0 < cfg.min_seconds:
@@ -587,10 +655,10 @@ async def scenario_latency(
     hub.on_text = on_text
     uids = [c.uid for c in clients]
     prefixes = [b'{"uid":%s,"data":"' % json.dumps(u).encode() for u in uids]
-    (backend,) = await open_backends(target.host, target.text_port, 1)
+    (backend,) = await open_backends(target.host, target.backend_port, 1)
     backend.reset(total)
     frames_done = hub.expect(total)
-    window = Window(target.pid)
+    window = target.window()
     window.start()
     t0 = time.perf_counter()
     sent = 0
@@ -635,8 +703,8 @@ async def scenario_broadcast(
 
     hub.on_text = on_text
     lines = [b'{"cmd":"broadcast","data":"b%d"}\n' % k for k in range(count)]
-    backends = await open_backends(target.host, target.text_port, 1)
-    window = Window(target.pid)
+    backends = await open_backends(target.host, target.backend_port, 1)
+    window = target.window()
     batches = 0
     hub.reads = 0
     window.start()
@@ -657,6 +725,116 @@ async def scenario_broadcast(
     result = window.figures(n * count * batches, "frame")
     result["frames_per_read"] = n * count * batches / max(hub.reads, 1)
     return result
+
+
+# TcpExt counters that tell whether the kernel dropped or delayed handshakes.
+LISTEN_COUNTERS = (
+    "ListenOverflows",
+    "ListenDrops",
+    "TCPReqQFullDrop",
+    "TCPReqQFullDoCookies",
+    "SyncookiesSent",
+    "TCPSynRetrans",
+)
+
+
+def tcp_counters() -> dict[str, int]:
+    """This network namespace's ``LISTEN_COUNTERS`` (``/proc/net/netstat``); {} if unreadable."""
+    try:
+        with open("/proc/net/netstat") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return {}
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], map(int, values.split()[1:]), strict=False))
+            return {k: table[k] for k in LISTEN_COUNTERS if k in table}
+    return {}
+
+
+async def scenario_burst(target: Target, hub: Hub, n: int, cfg: Config) -> dict[str, Any]:
+    """Open ``n`` connections at once (no in-flight cap): does the listen backlog hold?
+
+    All ``n`` connect() calls are issued in one loop turn.  Per connection it
+    records the time until TCP connected and until registered (the pong after
+    the uid); a SYN or handshake ACK dropped by an overflowing accept queue
+    shows up as a wait of ≥ 1 s (the initial retransmission timeout) and in
+    the kernel's TcpExt counters, read before and after.
+    """
+    loop = asyncio.get_running_loop()
+    clock = time.perf_counter
+    before = tcp_counters()
+    connected: list[float] = []
+    registered: list[float] = []
+    clients: list[WsClient] = []
+
+    async def one(i: int) -> None:
+        ready = loop.create_future()
+        client = WsClient(f"burst{i}", hub, ready)
+        t0 = clock()
+        await loop.create_connection(lambda: client, target.host, target.ws_port)
+        connected.append(clock() - t0)
+        clients.append(client)
+        await ready
+        registered.append(clock() - t0)
+
+    window = target.window()
+    window.start()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), cfg.timeout)
+    finally:
+        window.stop()
+        close_clients(clients)
+    after = tcp_counters()
+    q = statistics.quantiles(registered, n=100, method="inclusive")
+    result = window.figures(n, "conn")
+    result.update(
+        connect_over_1s=sum(t >= 1.0 for t in connected),
+        registered_over_1s=sum(t >= 1.0 for t in registered),
+        connect_max_ms=max(connected) * 1e3,
+        registered_p50_ms=q[49] * 1e3,
+        registered_p99_ms=q[98] * 1e3,
+        registered_max_ms=max(registered) * 1e3,
+        tcp_counters={k: after[k] - before[k] for k in after if k in before},
+    )
+    return result
+
+
+def proc_fds(pid: int) -> int:
+    """Open file descriptors of ``pid``."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def scenario_memory_cycles(
+    target: Target, n: int, cycles: int, cfg: Config
+) -> dict[str, Any]:
+    """Connect ``n`` clients, drop them all, ``cycles`` times: RSS after each cycle.
+
+    Clients are dropped with a reset (no TIME_WAIT on either side, so the
+    ephemeral ports are free for the next cycle); each cycle waits until the
+    server has closed its side (its fd count is back to the start), then 1 s.
+    """
+    rss = [proc_rss_kib(target.pid)]
+    fds0 = proc_fds(target.pid)
+    peaks: list[int] = []
+    for cycle in range(cycles):
+        hub = Hub(target.host, target.ws_port)
+        _, clients = await scenario_connect(target, hub, n, cfg, prefix=f"m{cycle}-")
+        peaks.append(proc_rss_kib(target.pid))
+        close_clients(clients)
+        deadline = time.monotonic() + cfg.timeout
+        while proc_fds(target.pid) > fds0:
+            if time.monotonic() > deadline:
+                raise BenchError(f"server still holds {proc_fds(target.pid) - fds0} extra fds")
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)
+        rss.append(proc_rss_kib(target.pid))
+    return {
+        "clients": n,
+        "rss_kib_start": rss[0],
+        "rss_kib_connected": peaks,
+        "rss_kib_after_close": rss[1:],
+    }
 
 
 async def session_unicast(target: Target, cfg: Config) -> dict[str, Any]:

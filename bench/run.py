@@ -10,6 +10,8 @@ with the ratio.
     python bench/run.py --quick    # regression check, well under a minute
     python bench/run.py --max      # also connect as many clients as fds allow
     python bench/run.py --profile /tmp/pushsvc-profile   # plus a py-spy profile
+    python bench/run.py --cluster  # two nodes and Redis next to one node
+    python bench/run.py --targets  # 1,000 connections at once; RSS over connect/close cycles
 
 ``--server-cmd`` measures any implementation of the protocol instead of
 pushsvc; ``{ws_port}`` and ``{text_port}`` are substituted and the command
@@ -35,8 +37,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +61,21 @@ PUSHSVC_CMD = (
     "taskset -c 0 twistd -n --pidfile= push"
     " --ws-port tcp:{ws_port}:interface=127.0.0.1"
     " --text-port tcp:{text_port}:interface=127.0.0.1"
+)
+# The listen backlog a bare port number gets (pushsvc.tap.LISTEN_BACKLOG); the
+# endpoint above, like any explicit endpoint without ``backlog=``, gets
+# Twisted's 50.
+PUSHSVC_BACKLOG_CMD = (
+    "taskset -c 0 twistd -n --pidfile= push"
+    " --ws-port tcp:{ws_port}:interface=127.0.0.1:backlog=1024"
+    " --text-port tcp:{text_port}:interface=127.0.0.1"
+)
+# A cluster node: CPUS, REDIS_PORT filled in first; no HTTP port (two nodes).
+NODE_CMD = (
+    "taskset -c CPUS twistd -n --pidfile= push"
+    " --ws-port tcp:{ws_port}:interface=127.0.0.1"
+    " --text-port tcp:{text_port}:interface=127.0.0.1"
+    " --http-port off --redis redis://127.0.0.1:REDIS_PORT"
 )
 REFERENCE_CMD = (
     f"taskset -c 0 {shlex.quote(sys.executable)}"
@@ -226,6 +244,388 @@ def run_session(
         raise RuntimeError(f"{name} / {session}: {exc!r}\n{server.log_tail()}") from exc
     finally:
         stop_server(server)
+
+
+# --------------------------------------------------------------------------
+# Cluster: two nodes and Redis, next to one node
+# --------------------------------------------------------------------------
+
+
+def start_redis(log_dir: Path, cpus: str) -> tuple[subprocess.Popen[bytes], int]:
+    """A throw-away ``redis-server`` (no persistence) on a free port, pinned to ``cpus``."""
+    port = free_port()
+    argv = ["taskset", "-c", cpus, "redis-server", "--port", str(port), "--bind", HOST]
+    argv += ["--save", "", "--appendonly", "no"]
+    with open(log_dir / f"redis-{port}.log", "wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 15
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"redis-server did not start on port {port}")
+        try:
+            socket.create_connection((HOST, port), timeout=1).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.05)
+
+
+def stop_proc(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def wait_subscribed(redis_port: int, expected: int, timeout: float = 30.0) -> None:
+    """Wait until the nodes have SUBSCRIBEd ``expected`` uid channels.
+
+    A client is registered on its node when its pong arrives, but the node's
+    SUBSCRIBE is batched and asynchronous; a push through another node before
+    it lands would rightly be answered ``fail``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        reader, writer = await asyncio.open_connection(HOST, redis_port)
+        writer.write(b"PUBSUB NUMPAT\r\nPUBSUB CHANNELS pushsvc:u:*\r\n")
+        await reader.readline()  # NUMPAT's integer
+        head = await reader.readline()  # "*<count>" of the channel list
+        writer.close()
+        if int(head[1:]) >= expected:
+            return
+        if time.monotonic() > deadline:
+            raise loadgen.BenchError(f"only {int(head[1:])} of {expected} uids subscribed")
+        await asyncio.sleep(0.05)
+
+
+@contextmanager
+def affinity(cpus: set[int]) -> Iterator[None]:
+    """Run the generator on ``cpus`` for a while."""
+    old = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, old)
+
+
+# Requests in flight in all in the cluster comparison (see unicast_session).
+CLUSTER_WINDOW = 1000
+# Seconds after the last reply a missing frame counts as lost: twice the
+# nodes' --redis-timeout, after which a node drops a message.
+LOSS_WAIT = 2.0
+
+
+async def unicast_session(
+    target: loadgen.Target,
+    cfg: loadgen.Config,
+    connect_to: list[int],
+    redis_port: int | None,
+    which: tuple[str, ...],
+    profile: tuple[Path, list[int]] | None = None,
+) -> dict[str, Any]:
+    """Clients spread over the ``connect_to`` WebSocket ports, then unicast/latency scenarios."""
+    hub = loadgen.Hub(HOST, connect_to[0])
+    results: dict[str, Any] = {}
+    clients: list[loadgen.WsClient] = []
+    try:
+        share = cfg.clients // len(connect_to)
+        for k, port in enumerate(connect_to):
+            part = loadgen.Target(HOST, port, target.text_port, target.pid, target.extra_pids)
+            res, got = await loadgen.scenario_connect(part, hub, share, cfg, prefix=f"n{k}u")
+            clients += got
+            results.setdefault("connect", res)
+        if redis_port is not None:
+            await wait_subscribed(redis_port, len(clients))
+        if "unicast_1" in which:
+            spies = []
+            if profile is not None:  # py-spy on each node during this scenario only
+                out_dir, pids = profile
+                out_dir.mkdir(parents=True, exist_ok=True)
+                for k, pid in enumerate(pids):
+                    raw = out_dir / f"cluster-node{'AB'[k]}-unicast.txt"
+                    argv = ["py-spy", "record", "--pid", str(pid), "--rate", "250"]
+                    argv += ["--format", "raw", "-o", str(raw)]
+                    spy = subprocess.Popen(
+                        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                    )
+                    spies.append(spy)
+                await asyncio.sleep(1.0)
+            results["unicast_1"] = await loadgen.scenario_unicast(
+                target, hub, clients, 1, cfg, loss_wait=LOSS_WAIT
+            )
+            for spy in spies:
+                spy.send_signal(signal.SIGINT)
+                await asyncio.get_running_loop().run_in_executor(None, spy.wait)
+        if "unicast_8" in which:
+            # 1,000 requests in flight in all, as with one backend connection:
+            # 8 x 1,000 through a cluster on one core outlast --redis-timeout.
+            few = replace(cfg, pipeline_window=CLUSTER_WINDOW // 8)
+            results["unicast_8"] = await loadgen.scenario_unicast(
+                target, hub, clients, 8, few, loss_wait=LOSS_WAIT
+            )
+        if "latency" in which:
+            results["latency"] = await loadgen.scenario_latency(target, hub, clients, cfg)
+    finally:
+        loadgen.close_clients(clients)
+    return results
+
+
+def run_cluster_setup(
+    setup: str, cfg: loadgen.Config, log_dir: Path, loop: LoopFactory, profile: Path | None = None
+) -> dict:
+    """One fresh set of processes for ``setup``, its scenarios, teardown.
+
+    - ``single``: one pushsvc (no Redis) on core 0, generator on core 1.
+    - ``cluster``: nodes A and B and Redis all on core 0, generator on core 1;
+      clients on A, backends through B: every push crosses Redis.
+    - ``one_process``: one pushsvc on core 0, generator free to use both cores.
+    - ``node_per_core``: node 0 on core 0, node 1 on core 1, Redis and the
+      generator free to use both; clients and backends spread over both nodes.
+    """
+    servers: list[Server] = []
+    redis: subprocess.Popen[bytes] | None = None
+    redis_port: int | None = None
+    all_cores = {0, 1}
+    try:
+        if setup in ("single", "one_process"):
+            servers.append(start_server(PUSHSVC_CMD, log_dir, setup))
+        else:
+            redis, redis_port = start_redis(log_dir, "0" if setup == "cluster" else "0,1")
+            cpus = ("0", "0") if setup == "cluster" else ("0", "1")
+            for k, cpu in enumerate(cpus):
+                node = NODE_CMD.replace("CPUS", cpu).replace("REDIS_PORT", str(redis_port))
+                servers.append(start_server(node, log_dir, f"{setup}-node{k}"))
+        time.sleep(0.3)
+        first, last = servers[0].target, servers[-1].target
+        extra = tuple(s.proc.pid for s in servers[1:]) + ((redis.pid,) if redis else ())
+        target = loadgen.Target(HOST, first.ws_port, last.text_port, first.pid, extra)
+        connect_to = [first.ws_port]
+        which: tuple[str, ...] = ("unicast_1", "unicast_8", "latency")
+        if setup == "node_per_core":
+            target.backend_ports = tuple(s.target.text_port for s in servers)
+            connect_to = [s.target.ws_port for s in servers]
+        if setup in ("one_process", "node_per_core"):
+            which = ("unicast_8",)
+        spied = None
+        if profile is not None and setup == "cluster":
+            spied = (profile, [s.proc.pid for s in servers])
+        session = unicast_session(target, cfg, connect_to, redis_port, which, spied)
+        with affinity(all_cores if setup in ("one_process", "node_per_core") else {1}):
+            with asyncio.Runner(loop_factory=loop) as runner:
+                results = runner.run(session)
+        for server in servers:
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"{setup}: a node died:\n{server.log_tail()}")
+        return results
+    except (loadgen.BenchError, OSError, asyncio.TimeoutError) as exc:
+        tails = "\n".join(s.log_tail() for s in servers)
+        raise RuntimeError(f"{setup}: {exc!r}\n{tails}") from exc
+    finally:
+        for server in servers:
+            stop_server(server)
+        if redis is not None:
+            stop_proc(redis)
+
+
+CLUSTER_SETUPS = ("single", "cluster", "one_process", "node_per_core")
+
+
+def cluster_rows(cfg: loadgen.Config) -> list[tuple[str, list[Row]]]:
+    """Rows of the cluster table (single node vs two nodes through Redis)."""
+    pushes = [
+        ("pushes/s (replies)", "push_per_s", ",.0f", True),
+        ("server CPU µs/push (all processes)", "server_cpu_us_per_push", ",.1f", False),
+        ("% answered ok but never delivered", "lost_pct", ".2f", False),
+    ]
+    return [
+        (
+            f"connect {cfg.clients:,} clients",
+            [("connect", "server_cpu_us_per_conn", "server CPU µs/connection", ",.0f", False)],
+        ),
+        (
+            f"unicast, 1 backend conn → {cfg.clients:,} clients",
+            [("unicast_1", f, label, fmt, hi) for label, f, fmt, hi in pushes],
+        ),
+        (
+            f"unicast, 8 backend conns × {CLUSTER_WINDOW // 8} in flight → {cfg.clients:,} clients",
+            [("unicast_8", f, label, fmt, hi) for label, f, fmt, hi in pushes],
+        ),
+        (
+            f"latency at {cfg.latency_rate:,} pushes/s",
+            [
+                ("latency", "p50_ms", "p50 ms", ".2f", False),
+                ("latency", "p90_ms", "p90 ms", ".2f", False),
+                ("latency", "p99_ms", "p99 ms", ".2f", False),
+                ("latency", "server_cpu_us_per_push", "server CPU µs/push", ",.0f", False),
+            ],
+        ),
+    ]
+
+
+def render_pair(
+    runs_a: list[dict[str, Any]],
+    runs_b: list[dict[str, Any]],
+    heads: tuple[str, str],
+    groups: list[tuple[str, list[Row]]],
+) -> str:
+    """Markdown table of two setups' medians and the second-over-first ratio."""
+    a, b = heads
+    lines = [f"| scenario | figure | {a} | {b} | {b} / {a} |", "|---|---|---:|---:|---:|"]
+    for title, rows in groups:
+        for i, (key, fig, label, fmt, higher) in enumerate(rows):
+            va, ma = median_cell(runs_a, key, fig)
+            vb, mb = median_cell(runs_b, key, fig)
+            ca = "not measured" if va is None else format(va, fmt) + ma
+            cb = "not measured" if vb is None else format(vb, fmt) + mb
+            ratio = f"{vb / va:.2f}" if va and vb is not None else "–"
+            arrow = "↑" if higher else "↓"
+            lines.append(f"| {title if i == 0 else ''} | {label} {arrow} | {ca} | {cb} | {ratio} |")
+    return "\n".join(lines)
+
+
+def render_cluster(results: dict[str, list[dict[str, Any]]], cfg: loadgen.Config) -> str:
+    """The cluster report: tables, CPU split per process, busy shares."""
+    out = [
+        "Single node vs cluster (clients on node A, backends through node B, every push"
+        " through Redis). Servers on core 0 (the cluster: A, B and Redis all on core 0),"
+        " generator on core 1:",
+        "",
+        render_pair(
+            results["single"], results["cluster"], ("1 node", "2 nodes + Redis"), cluster_rows(cfg)
+        ),
+        "",
+        "Cluster CPU µs/push by process (node A / node B / Redis), median:",
+        "",
+    ]
+    for key in ("unicast_1", "unicast_8", "latency"):
+        runs = [r[key] for r in results["cluster"] if key in r]
+        if runs:
+            parts = [
+                statistics.median(r["server_cpu_us_per_push_by_process"][k] for r in runs)
+                for k in range(3)
+            ]
+            out.append(f"- {key}: " + " / ".join(f"{v:.1f}" for v in parts))
+    rows: list[tuple[str, list[Row]]] = [
+        (
+            f"unicast, 8 backend conns × {CLUSTER_WINDOW // 8} in flight → {cfg.clients:,} clients",
+            [
+                ("unicast_8", "push_per_s", "pushes/s (replies)", ",.0f", True),
+                ("unicast_8", "server_cpu_us_per_push", "server CPU µs/push", ",.1f", False),
+                ("unicast_8", "lost_pct", "% answered ok but never delivered", ".2f", False),
+            ],
+        )
+    ]
+    out += [
+        "",
+        "One process vs one node per core (node 0 on core 0, node 1 on core 1, Redis"
+        " unpinned, clients and backends spread over both nodes). The generator is NOT"
+        " pinned here: it shares both cores with the servers in both columns.",
+        "",
+        render_pair(
+            results["one_process"],
+            results["node_per_core"],
+            ("1 process", "1 node per core"),
+            rows,
+        ),
+        "",
+        "CPU busy (median; server % is the sum over the setup's processes, of one core):",
+        "",
+        "| setup | scenario | server % | generator % |",
+        "|---|---|---:|---:|",
+    ]
+    for setup in CLUSTER_SETUPS:
+        for key in ("connect", "unicast_1", "unicast_8", "latency"):
+            runs = [r[key] for r in results[setup] if key in r]
+            if runs:
+                srv = statistics.median(r["server_cpu_pct"] for r in runs)
+                gen = statistics.median(r["gen_cpu_pct"] for r in runs)
+                out.append(f"| {setup} | {key} | {srv:.0f} | {gen:.0f} |")
+    return "\n".join(out)
+
+
+def run_cluster(
+    cfg: loadgen.Config, reps: int, log_dir: Path, loop: LoopFactory, profile: Path | None
+) -> dict:
+    """Every cluster setup, ``reps`` times, alternating; raw results per setup."""
+    if shutil.which("redis-server") is None:
+        raise SystemExit("--cluster needs redis-server on PATH")
+    results: dict[str, list[dict[str, Any]]] = {setup: [] for setup in CLUSTER_SETUPS}
+    for rep in range(reps):
+        for setup in CLUSTER_SETUPS:
+            t0 = time.monotonic()
+            spied = profile if rep == reps - 1 else None  # last repetition: sampled
+            results[setup].append(run_cluster_setup(setup, cfg, log_dir, loop, spied))
+            print(f"  rep {rep + 1} {setup}: {time.monotonic() - t0:.1f} s", flush=True)
+    return results
+
+
+# --------------------------------------------------------------------------
+# The issue's targets not in the main table: a burst, and memory after closes
+# --------------------------------------------------------------------------
+
+BURST_SERVERS = {
+    "pushsvc, backlog 1024 (a bare port number)": PUSHSVC_BACKLOG_CMD,
+    "pushsvc, backlog 50 (explicit endpoint, as the table's runs)": PUSHSVC_CMD,
+    "reference (asyncio, backlog 100)": REFERENCE_CMD,
+}
+
+
+def run_targets(
+    cfg: loadgen.Config, n_burst: int, n_cycle: int, cycles: int, log_dir: Path, loop: LoopFactory
+) -> dict[str, Any]:
+    """Burst connects against each BURST_SERVERS entry; RSS over connect/close cycles."""
+    out: dict[str, Any] = {"burst": {}, "memory": None}
+    for name, template in BURST_SERVERS.items():
+        server = start_server(template, log_dir, "burst")
+        try:
+            time.sleep(0.3)
+            hub = loadgen.Hub(HOST, server.target.ws_port)
+            with asyncio.Runner(loop_factory=loop) as runner:
+                burst = loadgen.scenario_burst(server.target, hub, n_burst, cfg)
+                out["burst"][name] = runner.run(burst)
+        finally:
+            stop_server(server)
+        print(f"  burst {name}: done", flush=True)
+    server = start_server(PUSHSVC_CMD, log_dir, "memory")
+    try:
+        time.sleep(0.3)
+        with asyncio.Runner(loop_factory=loop) as runner:
+            cycle = loadgen.scenario_memory_cycles(server.target, n_cycle, cycles, cfg)
+            out["memory"] = runner.run(cycle)
+    finally:
+        stop_server(server)
+    return out
+
+
+def render_targets(out: dict[str, Any]) -> str:
+    """Burst and memory-cycle figures as text."""
+    lines = [
+        "| server | connects ≥ 1 s | registered ≥ 1 s | registered p50 / p99 / max ms"
+        " | server CPU µs/conn | TcpExt counters (delta) |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    for name, r in out["burst"].items():
+        counters = ", ".join(f"{k} {v}" for k, v in r["tcp_counters"].items()) or "unreadable"
+        lines.append(
+            f"| {name} | {r['connect_over_1s']} | {r['registered_over_1s']}"
+            f" | {r['registered_p50_ms']:.0f} / {r['registered_p99_ms']:.0f}"
+            f" / {r['registered_max_ms']:.0f} | {r['server_cpu_us_per_conn']:.0f} | {counters} |"
+        )
+    m = out["memory"]
+    lines += [
+        "",
+        f"pushsvc RSS, {m['clients']:,} clients connected then reset, per cycle (MiB):"
+        f" start {m['rss_kib_start'] / 1024:.1f}; connected "
+        + ", ".join(f"{v / 1024:.1f}" for v in m["rss_kib_connected"])
+        + "; after close "
+        + ", ".join(f"{v / 1024:.1f}" for v in m["rss_kib_after_close"]),
+    ]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------
@@ -445,6 +845,7 @@ def profile_pushsvc(
 # Known costs of a Twisted + Autobahn server, matched by substring in any frame
 # of a sample: their inclusive share tells where the time goes at a glance.
 HOT_SPOTS = {
+    "frame or reply sent at once, incl. its send() (fastpath.write_now)": ("write_now (",),
     "socket send (Connection.writeSomeData)": ("Connection.writeSomeData (",),
     "epoll_ctl per write (addWriter/removeWriter)": ("addWriter (", "removeWriter ("),
     "Autobahn debug-log arguments built per send (hltype/hlval)": ("hltype (", "hlval ("),
@@ -468,8 +869,8 @@ def summarize_profile(raw: Path, top: int = 15) -> str:
         count = int(count_s)
         frames = stack.split(";")
         samples += count
-        if "doPoll" in frames[-1]:
-            continue  # idle in epoll: not work
+        if "doPoll" in frames[-1] or "Condition.wait (threading" in frames[-1]:
+            continue  # idle in epoll, or an idle thread-pool worker: not work
         busy += count
         own[frames[-1]] += count
         for frame in set(frames):
@@ -541,6 +942,16 @@ def main() -> None:
     parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
     parser.add_argument("--json", type=Path, help="write all raw results here")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy profile of pushsvc")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="instead of the table: two pushsvc nodes and redis-server next to one node",
+    )
+    parser.add_argument(
+        "--targets",
+        action="store_true",
+        help="instead of the table: 1,000 connections at once, RSS over connect/close cycles",
+    )
     args = parser.parse_args()
 
     fd_limit = raise_fd_limit()
@@ -571,6 +982,28 @@ def main() -> None:
         f"load average at start {Path('/proc/loadavg').read_text().split()[0]}",
         flush=True,
     )
+    if args.cluster or args.targets:
+        raw: dict[str, Any] = {}
+        with tempfile.TemporaryDirectory(prefix="pushbench-") as tmp:
+            if args.cluster:
+                raw["cluster"] = run_cluster(cfg, reps, Path(tmp), loop, args.profile)
+            if args.targets:
+                n = 200 if args.quick else 1000
+                cycle_n = 2000 if args.quick else 10000
+                raw["targets"] = run_targets(cfg, n, cycle_n, 3, Path(tmp), loop)
+        if "cluster" in raw:
+            print()
+            print(render_cluster(raw["cluster"], cfg))
+            for node in "AB" if args.profile else "":
+                raw_file = args.profile / f"cluster-node{node}-unicast.txt"
+                print(f"\npy-spy profile of node {node}, unicast through the cluster:\n")
+                print(summarize_profile(raw_file))
+        if "targets" in raw:
+            print()
+            print(render_targets(raw["targets"]))
+        if args.json:
+            args.json.write_text(json.dumps({"machine": info, **raw}, indent=1))
+        return
     sessions = ["unicast", "fanout"] + (["max"] if cfg.max_clients else [])
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="pushbench-") as tmp:
