@@ -13,8 +13,10 @@ Redis is reached through txredisapi.  Two behaviours of its 1.6 release shape
 this module: subscriptions are not restored after a reconnect (we re-subscribe
 every local uid ourselves, in batches), and a command issued while Redis is
 down waits for the reconnect instead of failing (we never issue one while
-disconnected, bound every call with a timeout, and put a deadline in every
-message so a late PUBLISH is dropped instead of delivered after we said fail).
+disconnected, and bound every call with a timeout).  Every message carries
+the time it was sent; a node drops one that is older than STALE_AFTER (a
+progress bar should not jump back to 10 % a minute after it showed 100 %),
+counts it and logs it once a minute.
 """
 
 from __future__ import annotations
@@ -47,6 +49,11 @@ GROUP = PREFIX + "g:"
 NODE = PREFIX + "node:"
 REPLY = PREFIX + "r:"
 SUBSCRIBE_BATCH = 1000
+# Seconds after which a message from another node is dropped instead of
+# delivered.  Not --redis-timeout: the sender answered ``ok`` as soon as
+# Redis counted a receiver, so a message that is merely slow to be read here
+# (an overloaded node) must still be delivered.
+STALE_AFTER = 30.0
 
 
 class ClusterUnavailable(Exception):
@@ -312,6 +319,7 @@ class Cluster(Service):
         self.ring = txredisapi.HashRing(self.shards)
         self.home = self.shards[0]  # global channels and keys live on the first Redis
         self.reply_channel = REPLY + self.node
+        self._stale_logged = 0.0
         self._ids = itertools.count(1)
         self._waiting: dict[int, _Gathering] = {}
         self._heartbeat = LoopingCall(self._beat)
@@ -364,8 +372,25 @@ class Cluster(Service):
 
     # -- delivery ---------------------------------------------------------------
 
-    def _deadline(self) -> int:
-        return int((time.time() + self.timeout) * 1000)
+    def _stamp(self) -> int:
+        """Milliseconds since the epoch: when a message was sent (nodes keep NTP time)."""
+        return int(time.time() * 1000)
+
+    def _stale(self, sent_ms: int) -> bool:
+        """Too old to deliver; counted, and logged at most once a minute."""
+        now = time.time()
+        if now * 1000 - sent_ms <= STALE_AFTER * 1000:
+            return False
+        self.registry.metrics.stale_messages += 1
+        if now >= self._stale_logged + 60:
+            self._stale_logged = now
+            log.warn(
+                "dropped a cluster message sent {age:.0f} s ago (more than {limit} s): "
+                "this node or Redis is overloaded; more in the next minute are only counted",
+                age=now - sent_ms / 1000,
+                limit=STALE_AFTER,
+            )
+        return True
 
     def push(self, uids: list[str], payload: bytes, local: int) -> int | defer.Deferred[int]:
         """Publish to each uid's channel; the receiver counts are the remote answer.
@@ -373,7 +398,7 @@ class Cluster(Service):
         Local connections were reached already.  If any were, the answer is
         ``ok`` whatever Redis says, so the backend does not wait for it.
         """
-        message = f"{self.node}\x00{self._deadline()}\x00".encode() + payload
+        message = f"{self.node}\x00{self._stamp()}\x00".encode() + payload
         calls = []
         for uid in uids:
             shard = self.shard_of(uid)
@@ -394,7 +419,7 @@ class Cluster(Service):
         """Ask every other node to act on its connections; sum what they report."""
         gathering = _Gathering(next(self._ids), local)
         message: dict[str, Any] = {"k": kind, "o": self.node, "i": gathering.id}
-        message["t"] = self._deadline()
+        message["t"] = self._stamp()
         for key, value in fields.items():
             if isinstance(value, bytes):
                 value = value.decode("utf-8")
@@ -441,8 +466,8 @@ class Cluster(Service):
 
     def received(self, channel: str, message: str) -> None:
         if channel.startswith(UID):
-            origin, deadline, payload = message.split("\x00", 2)
-            if origin != self.node and int(deadline) >= time.time() * 1000:
+            origin, sent, payload = message.split("\x00", 2)
+            if origin != self.node and not self._stale(int(sent)):
                 self.registry.local_push([channel[len(UID) :]], payload.encode("utf-8"))
             return
         data = orjson.loads(message)
@@ -457,7 +482,7 @@ class Cluster(Service):
             apply(data["uids"], data["groups"])
             return
         count = 0
-        if data["t"] >= time.time() * 1000:
+        if not self._stale(data["t"]):
             count = self._act(kind, data)
         reply = orjson.dumps({"i": data["i"], "n": count})
         self.home.call("PUBLISH", REPLY + data["o"], reply).addErrback(lambda _: None)

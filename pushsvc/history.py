@@ -27,7 +27,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from pushsvc.auth import CLOSE_BAD_REQUEST, AuthError
-from pushsvc.cluster import ClusterUnavailable
+from pushsvc.cluster import STALE_AFTER, ClusterUnavailable
 from pushsvc.registry import NOBODY, frame
 
 if TYPE_CHECKING:
@@ -431,7 +431,7 @@ class History(Service):
                     conn.sendPreparedMessage(prepared)
             # A message the replay covered may still be on its way from the
             # node that stored it (stored first, then PUBLISHed): keep dropping
-            # covered offsets until such a message would be past its deadline.
+            # covered offsets until such a message would be dropped as stale.
             send = conn.sendPreparedMessage
 
             def filtered(prepared: PreparedMessage) -> None:
@@ -439,7 +439,7 @@ class History(Service):
                     send(prepared)
 
             conn.sendPreparedMessage = filtered  # type: ignore[method-assign]
-            reactor.callLater(2 * cluster.timeout, conn.__dict__.pop, "sendPreparedMessage", None)
+            reactor.callLater(STALE_AFTER, conn.__dict__.pop, "sendPreparedMessage", None)
 
         d = cluster.subscribed(uid)
         d.addErrback(lambda _: None)  # not subscribed in time: the reads will say so

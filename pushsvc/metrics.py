@@ -33,6 +33,7 @@ class Metrics:
     def __init__(self) -> None:
         self.pushes = {"delivered": 0, "offline": 0, "error": 0}
         self.broadcasts = 0
+        self.stale_messages = 0  # cluster messages too old to deliver
         self.frames_sent = 0
         self.bytes_sent = 0
         self.auth_failures: Counter[str] = Counter()
@@ -112,6 +113,11 @@ class MetricsCollector:
             "WebSocket opening handshakes refused, by HTTP status.",
             "status",
             m.handshake_refusals,
+        )
+        yield CounterMetricFamily(
+            "pushsvc_cluster_stale_messages",
+            "Messages from other nodes dropped as older than 30 s (overload).",
+            value=m.stale_messages,
         )
         buckets, total = m.push_histogram()
         yield HistogramMetricFamily(

@@ -21,6 +21,7 @@ from pushsvc.fastpath import quiet_autobahn_debug
 from pushsvc.history import DEFAULT_SIZE, MAX_TTL, History
 from pushsvc.http import make_site
 from pushsvc.limits import DEFAULT_MAX_QUEUE, default_max_connections
+from pushsvc.memory import trimmer
 from pushsvc.registry import Registry
 from pushsvc.websocket import PushServerFactory
 
@@ -30,12 +31,20 @@ LISTEN_BACKLOG = 1024  # Twisted's default of 50 drops SYNs in a reconnect storm
 
 
 def endpoint(value: str, interface: str | None = None) -> str:
-    """A bare port number becomes a TCP endpoint description; anything else is used as is."""
+    """A bare port number becomes a TCP endpoint description; other descriptions are kept.
+
+    TCP and TLS listeners get a backlog of LISTEN_BACKLOG unless they name
+    their own: Twisted's default of 50 loses SYNs when a thousand browsers
+    reconnect at once (docs/performance.md measured it).
+    """
     if value.isdigit():
         desc = f"tcp:{value}:backlog={LISTEN_BACKLOG}"
         if interface:
             desc += f":interface={interface}"
         return desc
+    kind = value.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in value:
+        return f"{value}:backlog={LISTEN_BACKLOG}"
     return value
 
 
@@ -193,6 +202,13 @@ class Options(usage.Options):
             int,
         ],
         *LIMIT_PARAMETERS,
+        [
+            "trim-interval",
+            None,
+            60.0,
+            "Seconds between handing freed memory back to the OS (glibc malloc_trim; 0: never).",
+            float,
+        ],
         ["log-level", None, "info", "Log level for Autobahn's own messages (debug is per frame)."],
     ]
     optFlags = [
@@ -242,6 +258,8 @@ def makeService(config: Options) -> service.MultiService:
     registry = Registry(drain_timeout=config["drain-timeout"], drain_window=config["drain-window"])
     registry.setName("registry")
     registry.setServiceParent(top)
+    if config["trim-interval"] > 0:
+        trimmer(config["trim-interval"]).setServiceParent(top)
     if config["redis"]:
         from pushsvc.cluster import Cluster
 

@@ -99,4 +99,6 @@ def test_port_numbers_and_endpoint_descriptions() -> None:
     assert endpoint("1234") == "tcp:1234:backlog=1024"
     assert endpoint("5678", "127.0.0.1") == "tcp:5678:backlog=1024:interface=127.0.0.1"
     assert endpoint("unix:/run/push.sock") == "unix:/run/push.sock"
-    assert endpoint("tcp:1234:interface=0.0.0.0") == "tcp:1234:interface=0.0.0.0"
+    assert endpoint("tcp:1234:interface=0.0.0.0") == "tcp:1234:interface=0.0.0.0:backlog=1024"
+    assert endpoint("tcp:1234:backlog=64") == "tcp:1234:backlog=64"
+    assert endpoint("ssl:443:privateKey=k.pem") == "ssl:443:privateKey=k.pem:backlog=1024"
