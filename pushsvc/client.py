@@ -438,18 +438,20 @@ class Client:
         *,
         group: Target | None = None,
         exclude: Target | None = None,
+        ttl: int | None = None,
     ) -> int:
         """Send ``data`` to every connection of a uid (or uids, or a group's members).
 
         Returns how many connections it was written to; 0 means nobody was
         online, which is not an error.  A string is delivered as is, any
-        other JSON value as its JSON text.
+        other JSON value as its JSON text.  With ``ttl`` (seconds) the push
+        is also kept for clients that reconnect within it (docs/history.md).
         """
-        return int(self.request(_push_request(uid, data, group, exclude))["delivered"])
+        return int(self.request(_push_request(uid, data, group, exclude, ttl))["delivered"])
 
     def push_many(self, pushes: Iterable[tuple[Target, Any]]) -> list[int]:
         """Push many ``(uid, data)`` pairs in one round trip; returns each one's delivered count."""
-        replies = self.pipeline(_push_request(uid, data, None, None) for uid, data in pushes)
+        replies = self.pipeline(_push_request(uid, data, None, None, None) for uid, data in pushes)
         return [int(r["delivered"]) for r in replies]
 
     def broadcast(self, data: Any, *, exclude: Target | None = None) -> int:
@@ -540,7 +542,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _push_request(
-    uid: Target | None, data: Any, group: Target | None, exclude: Target | None
+    uid: Target | None, data: Any, group: Target | None, exclude: Target | None, ttl: int | None
 ) -> dict[str, Any]:
     if data is _MISSING:
         raise TypeError("push() needs data")
@@ -553,6 +555,8 @@ def _push_request(
         req["group"] = _target(group)
     if exclude is not None:
         req["exclude"] = _target(exclude)
+    if ttl is not None:
+        req["ttl"] = ttl
     return req
 
 

@@ -489,3 +489,12 @@ def test_list_pages(start_server) -> None:
     finally:
         for w in clients:
             w.close()
+
+
+def test_push_with_ttl_is_kept_for_a_later_connection(server: PushServer, client: Client) -> None:
+    user = "client-ttl-user"
+    assert client.push(user, "kept", ttl=60) == 0  # nobody online: stored, not delivered
+    ws = server.ws(json.dumps({"uid": user, "since": {f"u:{user}": [0, None]}}))
+    frame = json.loads(ws.recv(timeout=5))
+    assert (frame["pushsvc"], frame["data"], frame["off"]) == ("msg", "kept", 1)
+    ws.close()
