@@ -1,8 +1,10 @@
 """The WebSocket frontend: browsers connect, authenticate, then only receive.
 
 The first text frame (or a ``?token=`` query parameter) says who the
-connection is; the registry takes it from there.  Frames after
-authentication are ignored.
+connection is: the uid itself, a signed token, or a JSON hello carrying one
+of them and the history positions to resume from (pushsvc.history).  The
+registry takes it from there.  Frames after authentication are ignored.
+Limits (pushsvc.limits) and origins (pushsvc.access) are enforced here.
 """
 
 from __future__ import annotations
