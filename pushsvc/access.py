@@ -18,6 +18,8 @@ import orjson
 from twisted.internet import reactor
 from twisted.logger import Logger
 
+from pushsvc.commands import request_id
+
 BACKEND_SECRET_ENV = "PUSHSVC_BACKEND_SECRET"
 DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
@@ -207,14 +209,6 @@ def _reply(ok: bool, rid: Any, error: str = "") -> bytes:
     return b"ok\n" if ok else b"error " + error.encode() + b"\n"
 
 
-def _request_id(request: object) -> Any:
-    if isinstance(request, dict):
-        rid = request.get("id")
-        if isinstance(rid, (str, int, float)) and not isinstance(rid, bool):
-            return rid
-    return None
-
-
 class BackendGate:
     """The backend port's optional shared secret and its failure throttle.
 
@@ -249,7 +243,7 @@ class BackendGate:
             request = orjson.loads(line.rstrip(b"\r"))
         except orjson.JSONDecodeError:
             request = None
-        rid = _request_id(request)
+        rid = request_id(request)
         if not is_auth_request(request):
             self._refuse(proto, ip, "backend connection sent a request before authenticating")
             return _reply(False, rid, "authentication required")
@@ -285,7 +279,7 @@ def auth_again(gate: BackendGate | None, request: dict) -> bytes:
     ``ok`` without a secret configured, so that backends can start sending it
     before the service requires it (roll out the client change first).
     """
-    rid = _request_id(request)
+    rid = request_id(request)
     if gate is None or gate.check(request):
         return _reply(True, rid)
     return _reply(False, rid, "authentication failed")
