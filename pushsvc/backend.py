@@ -71,7 +71,7 @@ class BackendProtocol(LineReceiver):
         self.gate = gate
         self._buffer = b""
         self._discarding = False  # inside an over-long line, until its newline
-        self._waiting: deque[bytes | Deferred[bytes]] | None = None
+        self._waiting: deque[list[bytes | None]] | None = None
 
     def connectionMade(self) -> None:
         self.registry.metrics.backend_connections += 1
@@ -154,25 +154,26 @@ class BackendProtocol(LineReceiver):
         if self._waiting is None:
             self._waiting = deque()
         for reply in replies:
-            self._waiting.append(reply)
-            if isinstance(reply, Deferred):
-                reply.addBoth(self._resolved, reply)
+            # One slot per reply, filled when its Deferred fires: replies go
+            # out in request order without searching the queue.
+            slot: list[bytes | None] = [None]
+            self._waiting.append(slot)
+            if type(reply) is bytes:
+                slot[0] = reply
+            else:
+                reply.addBoth(self._resolved, slot)  # type: ignore[union-attr]
         self._flush()
 
-    def _resolved(self, value: bytes, reply: Deferred[bytes]) -> None:
-        waiting = self._waiting
-        if waiting is not None:
-            for i, item in enumerate(waiting):
-                if item is reply:
-                    waiting[i] = value
-                    break
+    def _resolved(self, value: bytes, slot: list[bytes | None]) -> None:
+        slot[0] = value
+        if self._waiting is not None:
             self._flush()
 
     def _flush(self) -> None:
         waiting = self._waiting
         ready = []
-        while waiting and not isinstance(waiting[0], Deferred):
-            ready.append(waiting.popleft())
+        while waiting and waiting[0][0] is not None:
+            ready.append(waiting.popleft()[0])
         if ready and self.transport is not None:
             self.transport.write(b"".join(ready))  # type: ignore[arg-type]
         if not waiting:
