@@ -11,24 +11,16 @@ from dataclasses import dataclass
 
 import jwt
 
-# WebSocket close codes (4000-4999 are for applications); docs/protocol.md lists them.
-CLOSE_BAD_REQUEST = 4000
-CLOSE_INVALID_TOKEN = 4001
-CLOSE_TOKEN_EXPIRED = 4002
-CLOSE_AUTH_TIMEOUT = 4008
+from pushsvc.errors import (
+    CLOSE_BAD_REQUEST,
+    CLOSE_INVALID_TOKEN,
+    CLOSE_TOKEN_EXPIRED,
+    AuthError,
+)
 
 MAX_UID_LENGTH = 256
 SECRET_ENV = "PUSHSVC_SECRET"
 API_KEY_ENV = "PUSHSVC_API_KEY"
-
-
-class AuthError(Exception):
-    """Authentication failed; ``code`` and ``reason`` go into the close frame."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 @dataclass(frozen=True)

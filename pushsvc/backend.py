@@ -1,27 +1,31 @@
-"""The backend line frontend: newline-delimited JSON over TCP.
+"""The backend port: newline-delimited JSON over TCP, the Workerman recipe's Text protocol.
 
 Exactly one reply line per request line, in request order, so a backend may
-pipeline many lines in one write.  This module only turns bytes into requests
-and results into bytes; the command model does the work.
+pipeline many lines in one write.  This module only turns bytes into
+requests and results into bytes; the command model does the work.  With a
+backend secret, a connection's first line must authenticate it.
 """
 
 from __future__ import annotations
 
+import hmac
 from collections import deque
 from typing import Any
 
 import orjson
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory
-from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
-from twisted.python.failure import Failure
 
 from pushsvc import commands
-from pushsvc.access import BackendGate, auth_again, is_auth_request
-from pushsvc.fastpath import write_now
-from pushsvc.registry import Registry
+from pushsvc.compat import write_now
+from pushsvc.errors import UnknownCommand, describe
+from pushsvc.node import Node
+from pushsvc.policy import FailureThrottle
+
+BACKEND_SECRET_ENV = "PUSHSVC_BACKEND_SECRET"
 
 OK = b"ok\n"
 FAIL = b"fail\n"
@@ -33,6 +37,10 @@ def error_line(reason: str, rid: Any = None) -> bytes:
     if rid is not None:
         return orjson.dumps({"id": rid, "ok": False, "error": reason}) + b"\n"
     return b"error " + reason.replace("\n", " ").encode("utf-8", "replace") + b"\n"
+
+
+def ok_line(rid: Any) -> bytes:
+    return orjson.dumps({"id": rid, "ok": True}) + b"\n" if rid is not None else OK
 
 
 def result_line(cmd: commands.Command, result: dict, rid: Any) -> bytes:
@@ -53,6 +61,27 @@ def decode_error(line: bytes, exc: Exception) -> str:
     return f"invalid JSON: {exc}"
 
 
+def is_auth_request(request: object) -> bool:
+    return isinstance(request, dict) and request.get("cmd") == "auth"
+
+
+class BackendGate:
+    """The backend port's optional shared secret, and the throttle for wrong guesses."""
+
+    def __init__(self, secret: bytes | None, throttle: FailureThrottle | None = None) -> None:
+        self.secret = secret
+        self.throttle = throttle
+
+    def check(self, request: dict) -> bool:
+        """Whether an auth request carries the secret (any secret when none is set)."""
+        if self.secret is None:
+            return True
+        secret = request.get("secret")
+        if not isinstance(secret, str):
+            return False
+        return hmac.compare_digest(secret.encode("utf-8"), self.secret)
+
+
 class BackendProtocol(LineReceiver):
     """One backend connection.
 
@@ -63,26 +92,33 @@ class BackendProtocol(LineReceiver):
     """
 
     delimiter = b"\n"
-    log = Logger()
 
-    def __init__(self, registry: Registry, max_line: int, gate: BackendGate | None = None) -> None:
-        self.registry = registry
+    def __init__(self, node: Node, max_line: int, gate: BackendGate | None = None) -> None:
+        self.node = node
         self.MAX_LENGTH = max_line
-        self.gate = gate
+        self.gate = gate or BackendGate(None)
+        # Until the first line authenticates (with a secret configured), lines
+        # go to _first_line; after a refusal, to nothing.
+        self.authenticated = self.gate.secret is None
+        self.refused = False
         self._buffer = b""
         self._discarding = False  # inside an over-long line, until its newline
         self._waiting: deque[list[bytes | None]] | None = None
 
     def connectionMade(self) -> None:
-        self.registry.metrics.backend_connections += 1
+        self.node.metrics.backend_connections += 1
         if ITCPTransport.providedBy(self.transport):
             self.transport.setTcpNoDelay(True)
         # Backpressure: a backend that writes requests but does not read its
         # replies makes Twisted pause us (LineReceiver's pauseProducing stops
         # reading from the socket) instead of buffering replies without bound.
         self.transport.registerProducer(self, True)
-        if self.gate is not None:
-            self.gate.connection_made(self)  # --backend-secret: the first line must be auth
+        throttle = self.gate.throttle
+        if not self.authenticated and throttle is not None and throttle.blocked(self._ip()):
+            self.transport.write(self._refuse(b"error too many failed authentication attempts\n"))
+
+    def _ip(self) -> str:
+        return getattr(self.transport.getPeer(), "host", "?")
 
     def dataReceived(self, data: bytes) -> None:
         buf = self._buffer + data if self._buffer else data
@@ -110,8 +146,12 @@ class BackendProtocol(LineReceiver):
 
     def lineReceived(self, line: bytes) -> bytes | Deferred[bytes]:
         """Answer one request line (without its newline)."""
+        if self.refused:
+            return b""  # the connection is closing: no more replies
         if line.endswith(b"\r"):
             line = line[:-1]
+        if not self.authenticated:
+            return self._first_line(line)
         if not line.strip():
             return error_line("empty line")
         try:
@@ -119,31 +159,48 @@ class BackendProtocol(LineReceiver):
         except orjson.JSONDecodeError as e:
             return error_line(decode_error(line, e))
         rid = commands.request_id(request)
+
+        def failed(error: BaseException) -> bytes:
+            if isinstance(error, UnknownCommand) and is_auth_request(request):
+                # Not a command: the backend port's own.  ``ok`` without a secret,
+                # so that backends can send it before the service requires it.
+                ok = self.gate.check(request)  # type: ignore[arg-type]
+                return ok_line(rid) if ok else error_line("authentication failed", rid)
+            return error_line(describe(error)[1], rid)
+
+        return commands.serve(
+            self.node, request, None, lambda cmd, r: result_line(cmd, r, rid), failed
+        )
+
+    def _first_line(self, line: bytes) -> bytes:
+        """With a backend secret: the first line must be ``{"cmd":"auth","secret":...}``.
+
+        Anything else gets one error line and the connection is closed after
+        it: a peer that does not know the secret gains nothing by staying, and
+        a backend missing its auth line fails loudly.
+        """
         try:
-            cmd, result = commands.execute(self.registry, request)
-        except commands.RequestError as e:
-            if is_auth_request(request):  # not a command: the line protocol's own
-                return auth_again(self.gate, request)
-            return error_line(e.reason, rid)
-        except Exception:
-            self.log.failure("command failed")
-            return error_line("internal error", rid)
-        if type(result) is not dict and isinstance(result, Deferred):
-            return result.addCallbacks(
-                lambda r: result_line(cmd, r, rid), lambda f: self._failed(f, rid)
-            )
-        return result_line(cmd, result, rid)
+            request = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            request = None
+        rid = commands.request_id(request)
+        throttle = self.gate.throttle
+        if not is_auth_request(request):
+            if throttle is not None:  # no credential tried: logged, not counted
+                throttle.note(self._ip(), "backend connection sent a request before authenticating")
+            return self._refuse(error_line("authentication required", rid))
+        if not self.gate.check(request):  # type: ignore[arg-type]
+            if throttle is not None:
+                throttle.failed(self._ip(), "backend authentication failed (wrong secret)")
+            return self._refuse(error_line("authentication failed", rid))
+        self.authenticated = True
+        return ok_line(rid)
 
-    def _failed(self, failure: Failure, rid: Any) -> bytes:
-        """An error reply for a command that failed later (in cluster mode, waiting on Redis)."""
-        reason = getattr(failure.value, "reason", None)
-        if reason is None:
-            self.log.failure("command failed", failure)
-            reason = "internal error"
-        return error_line(reason, rid)
-
-    def lineLengthExceeded(self, line: bytes) -> None:  # pragma: no cover - not used
-        """Over-long lines are answered in dataReceived; never drop the connection."""
+    def _refuse(self, reply: bytes) -> bytes:
+        """Answer ``reply``, then close once it is written; later lines get nothing."""
+        self.refused = True
+        reactor.callLater(0, self.transport.loseConnection)  # after this read's replies
+        return reply
 
     # -- ordered replies ------------------------------------------------------
 
@@ -180,21 +237,19 @@ class BackendProtocol(LineReceiver):
             self._waiting = None
 
     def connectionLost(self, reason: object = None) -> None:
-        self.registry.metrics.backend_connections -= 1
+        self.node.metrics.backend_connections -= 1
         self._waiting = None
 
 
 class BackendFactory(Factory):
-    """Creates backend connections bound to the shared registry."""
+    """Creates backend connections bound to the node."""
 
-    def __init__(
-        self, registry: Registry, max_line: int = 65536, gate: BackendGate | None = None
-    ) -> None:
-        self.registry = registry
+    def __init__(self, node: Node, max_line: int = 65536, gate: BackendGate | None = None) -> None:
+        self.node = node
         self.max_line = max_line
         self.gate = gate
 
     def buildProtocol(self, addr: object) -> BackendProtocol:
-        proto = BackendProtocol(self.registry, self.max_line, self.gate)
+        proto = BackendProtocol(self.node, self.max_line, self.gate)
         proto.factory = self
         return proto

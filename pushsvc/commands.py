@@ -2,10 +2,11 @@
 
 A request is a JSON object.  ``cmd`` names the command (default ``push``, so
 the Workerman recipe's ``{"uid": "uid1", "percent": "88%"}`` is a push).  Each
-command validates its own fields, runs against the registry and returns a
-result dict.  The frontends (the TCP line protocol and the HTTP API) only
-turn bytes into a request and a result or error back into bytes; they never
-touch the registry themselves.  Adding a command is adding a function here.
+command validates its own fields, calls the node and returns a result dict.
+The transports (the backend port and the HTTP API) only turn bytes into a
+request and hand :func:`serve` two functions that turn a result or an error
+back into bytes; they never touch the node themselves.  Adding a command is
+adding a function here.
 """
 
 from __future__ import annotations
@@ -13,34 +14,34 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
-from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from pushsvc.history import MAX_TTL
-from pushsvc.registry import NOBODY, Registry, page
+from pushsvc.errors import (
+    CLOSE_DISCONNECTED,
+    RequestError,
+    Unavailable,
+    UnknownCommand,
+    describe,
+)
+from pushsvc.history.store import MAX_TTL
+from pushsvc.hub import NOBODY, page
+from pushsvc.node import Node, Stored
+from pushsvc.results import settle, then
+
+log = Logger()
 
 Result = dict[str, Any]
-Reply = "Result | Deferred[Result]"
-Handler = Callable[[Registry, dict], Reply]
+Reply = Any  # Result, or a Deferred of one
+Handler = Callable[[Node, dict], Reply]
+T = TypeVar("T")
 
 MAX_PAGE = 1000
 DEFAULT_PAGE = 100
-DISCONNECT_CODE = 4009
 DISCONNECT_REASON = "disconnected by the application"
-
-
-class RequestError(Exception):
-    """A request that cannot be served; ``reason`` is returned to the backend."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class UnknownCommand(RequestError):
-    """No such command (the HTTP API answers 404 for it)."""
 
 
 @dataclass(frozen=True)
@@ -90,32 +91,75 @@ def request_id(request: object) -> Any:
     return None
 
 
-def execute(
-    registry: Registry, request: object, name: str | None = None
-) -> tuple[Command, Result | Deferred[Result]]:
+def execute(node: Node, request: object, name: str | None = None) -> tuple[Command, Reply]:
     """Run a decoded request; raises RequestError for anything invalid."""
     cmd = lookup(request, name)
     if not cmd.delivery:
-        return cmd, cmd.handler(registry, request)  # type: ignore[arg-type]
+        return cmd, cmd.handler(node, request)  # type: ignore[arg-type]
     started = perf_counter()
     try:
-        result = cmd.handler(registry, request)  # type: ignore[arg-type]
+        result = cmd.handler(node, request)  # type: ignore[arg-type]
     except RequestError:
-        registry.metrics.pushes["error"] += 1
+        node.metrics.pushes["error"] += 1
         raise
-    registry.metrics.observe_push(perf_counter() - started)
+    node.metrics.observe_push(perf_counter() - started)
     return cmd, result
 
 
-def count_push(result: Result, registry: Registry) -> Result:
-    # A push stored for later (ttl) is ok without being delivered: offline.
-    registry.metrics.pushes["delivered" if result["delivered"] else "offline"] += 1
-    return result
+def serve(
+    node: Node,
+    request: object,
+    name: str | None,
+    done: Callable[[Command, Result], T],
+    failed: Callable[[BaseException], T],
+) -> T | Any:
+    """Run a request and turn its outcome into a transport's reply, now or when it is known.
+
+    Every transport answers through here, so an error maps to the same reply
+    everywhere (pushsvc.errors) and only a bug (an error that is not a
+    request error) is logged, once, with its traceback.
+    """
+    try:
+        cmd, result = execute(node, request, name)
+    except Exception as e:
+        return _failed(e, failed)
+    return settle(result, lambda r: done(cmd, r), lambda e: _failed(e, failed))
 
 
-def counted_delivery(reached: int, registry: Registry) -> Result:
-    registry.metrics.pushes["delivered" if reached else "offline"] += 1
+def _failed(error: BaseException, failed: Callable[[BaseException], T]) -> T:
+    if describe(error)[0] == 500:
+        log.failure("command failed", _failure(error))
+    return failed(error)
+
+
+def _failure(error: BaseException) -> Failure:
+    return Failure(error, type(error), error.__traceback__)
+
+
+def delivered(reached: int, node: Node) -> Result:
+    node.metrics.pushes["delivered" if reached else "offline"] += 1
     return {"ok": reached > 0, "delivered": reached}
+
+
+def stored_result(results: list[Stored], node: Node) -> Result:
+    """A push-with-ttl's answer: delivered now, and whether every channel stored it.
+
+    Nobody reached and nothing stored (the store unreachable) is an error.
+    """
+    total = sum(r[0] for r in results)
+    positions = {r[1]: r[2] for r in results if r[2] is not None}
+    if not positions and not total:
+        reason = next(r[3] for r in results if r[3])
+        raise Unavailable(f"history unavailable: {reason}")
+    # A push stored for later is ok without being delivered: offline.
+    node.metrics.pushes["delivered" if total else "offline"] += 1
+    result: Result = {"ok": True, "delivered": total, "queued": len(positions) == len(results)}
+    if len(results) == 1 and positions:
+        ((off, ep),) = positions.values()
+        result["off"], result["ep"] = off, ep
+    elif len(results) > 1:
+        result["positions"] = {ch: list(pos) for ch, pos in positions.items()}
+    return result
 
 
 # -- field validation shared by the commands --------------------------------
@@ -150,15 +194,11 @@ def payload(request: dict) -> bytes:
     return orjson.dumps(value)
 
 
-def ttl(registry: Registry, request: dict) -> int:
+def ttl(node: Node, request: dict) -> int:
     """Seconds to keep a push in history (0: not kept); the service default if absent."""
-    history = registry.history
     if "ttl" not in request:
-        return history.default_ttl if history is not None else 0
-    seconds = integer(request, "ttl", 0, 0, MAX_TTL)
-    if seconds and history is None:
-        raise RequestError("history is not enabled on this service")
-    return seconds
+        return node.default_ttl
+    return integer(request, "ttl", 0, 0, MAX_TTL)
 
 
 def excluded(request: dict) -> frozenset[str]:
@@ -184,18 +224,6 @@ def done(_: object) -> Result:
     return {"ok": True}
 
 
-# Results that are never Deferreds; checked first because isinstance() against
-# Deferred goes through ABCMeta (Deferred is an Awaitable), measurably slow per push.
-_PLAIN = (int, dict, tuple, type(None))
-
-
-def then(value: Any, fn: Callable[..., Any], *args: Any) -> Any:
-    """Apply ``fn`` now, or when ``value`` arrives if it is a Deferred (cluster mode)."""
-    if type(value) in _PLAIN or not isinstance(value, Deferred):
-        return fn(value, *args)
-    return value.addCallback(fn, *args)
-
-
 def delivery(reached: int) -> Result:
     return {"ok": reached > 0, "delivered": reached}
 
@@ -204,7 +232,7 @@ def delivery(reached: int) -> Result:
 
 
 @command("push", delivery=True)
-def push(registry: Registry, request: dict) -> Reply:
+def push(node: Node, request: dict) -> Reply:
     """Send data to every connection of some uids, or of some groups' members.
 
     With a ``ttl`` the push is also kept in each uid's (group's) history for
@@ -214,68 +242,56 @@ def push(registry: Registry, request: dict) -> Reply:
         if "uid" in request:
             raise RequestError("give uid or group, not both")
         groups, data, skip = names(request, "group"), payload(request), excluded(request)
-        seconds = ttl(registry, request)
+        seconds = ttl(node, request)
         if seconds:
-            return then(
-                registry.history.push_groups(groups, data, skip, seconds),  # type: ignore[union-attr]
-                count_push,
-                registry,
-            )
-        reached = registry.push_groups(groups, data, skip)
-    else:
-        uids = names(request, "uid")
-        data = payload(request)
-        if "exclude" in request:
-            skip = excluded(request)
-            uids = [u for u in uids if u not in skip]
-        seconds = ttl(registry, request)
-        if seconds:
-            return then(
-                registry.history.push(uids, data, seconds),  # type: ignore[union-attr]
-                count_push,
-                registry,
-            )
-        reached = registry.push(uids, data)
-    return then(reached, counted_delivery, registry)
+            return then(node.push_groups_stored(groups, data, skip, seconds), stored_result, node)
+        return then(node.push_groups(groups, data, skip), delivered, node)
+    uids = names(request, "uid")
+    data = payload(request)
+    if "exclude" in request:
+        skip = excluded(request)
+        uids = [u for u in uids if u not in skip]
+    seconds = ttl(node, request)
+    if seconds:
+        return then(node.push_stored(uids, data, seconds), stored_result, node)
+    return then(node.push(uids, data), delivered, node)
 
 
 @command("broadcast", delivery=True)
-def broadcast(registry: Registry, request: dict) -> Reply:
+def broadcast(node: Node, request: dict) -> Reply:
     """Send data to every authenticated connection, but those of ``exclude``."""
     if "ttl" in request:
         raise RequestError("broadcast keeps no history: ttl is for uid and group pushes")
-    registry.metrics.broadcasts += 1
-    return then(registry.broadcast(payload(request), excluded(request)), delivery)
+    node.metrics.broadcasts += 1
+    return then(node.broadcast(payload(request), excluded(request)), delivery)
 
 
 @command("join")
-def join(registry: Registry, request: dict) -> Reply:
+def join(node: Node, request: dict) -> Reply:
     """Put uids in groups: their current and future connections, until they leave."""
-    return then(registry.join(names(request, "uid"), names(request, "group")), done)
+    return then(node.join(names(request, "uid"), names(request, "group")), done)
 
 
 @command("leave")
-def leave(registry: Registry, request: dict) -> Reply:
+def leave(node: Node, request: dict) -> Reply:
     """Take uids out of groups."""
-    return then(registry.leave(names(request, "uid"), names(request, "group")), done)
+    return then(node.leave(names(request, "uid"), names(request, "group")), done)
 
 
 @command("online")
-def online(registry: Registry, request: dict) -> Reply:
+def online(node: Node, request: dict) -> Reply:
     """Which of the given uids have at least one live connection."""
-    return then(
-        registry.online(names(request, "uid")), lambda online: {"ok": True, "online": online}
-    )
+    return then(node.online(names(request, "uid")), lambda online: {"ok": True, "online": online})
 
 
 @command("stats")
-def stats(registry: Registry, request: dict) -> Reply:
+def stats(node: Node, request: dict) -> Reply:
     """Online uids, authenticated connections, connections still authenticating, groups."""
-    return then(registry.counts(), lambda counts: {"ok": True, **counts})
+    return then(node.counts(), lambda counts: {"ok": True, **counts})
 
 
 @command("list")
-def list_online(registry: Registry, request: dict) -> Reply:
+def list_online(node: Node, request: dict) -> Reply:
     """Online uids, sorted, a page at a time (``after`` the last uid of the previous page)."""
     after, limit = page_request(request)
 
@@ -283,17 +299,17 @@ def list_online(registry: Registry, request: dict) -> Reply:
         chunk, next_after, total = found
         return {"ok": True, "uids": chunk, "next": next_after, "total": total}
 
-    return then(registry.list_online(after, limit), listing)
+    return then(node.list_online(after, limit), listing)
 
 
 @command("members")
-def members(registry: Registry, request: dict) -> Reply:
+def members(node: Node, request: dict) -> Reply:
     """A group's member uids, sorted and paged, with how many there are and how many are online."""
     group = request.get("group")
     if not isinstance(group, str) or not group:
         raise RequestError("group must be a non-empty string")
     after, limit = page_request(request)
-    everyone = registry.members(group)
+    everyone = node.members(group)
     chunk, next_after = page(everyone, after, limit)
 
     def listing(online: dict[str, bool]) -> Result:
@@ -305,14 +321,14 @@ def members(registry: Registry, request: dict) -> Reply:
             "online": sum(online.values()),
         }
 
-    return then(registry.online(list(everyone)), listing)
+    return then(node.online(list(everyone)), listing)
 
 
 @command("disconnect")
-def disconnect(registry: Registry, request: dict) -> Reply:
+def disconnect(node: Node, request: dict) -> Reply:
     """Close every connection of some uids (logout, ban) with a close code."""
     uids = names(request, "uid")
-    code = request.get("code", DISCONNECT_CODE)
+    code = request.get("code", CLOSE_DISCONNECTED)
     if (
         not isinstance(code, int)
         or isinstance(code, bool)
@@ -322,4 +338,4 @@ def disconnect(registry: Registry, request: dict) -> Reply:
     reason = request.get("reason", DISCONNECT_REASON)
     if not isinstance(reason, str) or len(reason.encode("utf-8")) > 123:
         raise RequestError("reason must be a string of at most 123 bytes")
-    return then(registry.disconnect(uids, code, reason), lambda n: {"ok": True, "closed": n})
+    return then(node.disconnect(uids, code, reason), lambda n: {"ok": True, "closed": n})

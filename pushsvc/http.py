@@ -14,13 +14,13 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web import resource, server
 
 from pushsvc import browser, commands
-from pushsvc.access import FailureThrottle
+from pushsvc.errors import describe, error_body
 from pushsvc.metrics import MetricsCollector
-from pushsvc.registry import Registry
+from pushsvc.node import Node
+from pushsvc.policy import FailureThrottle
 from pushsvc.websocket import PushServerFactory
 
 log = Logger()
@@ -70,10 +70,10 @@ class ApiResource(resource.Resource):
     isLeaf = True
 
     def __init__(
-        self, registry: Registry, api_key: bytes | None, throttle: FailureThrottle | None = None
+        self, node: Node, api_key: bytes | None, throttle: FailureThrottle | None = None
     ) -> None:
         super().__init__()
-        self.registry = registry
+        self.node = node
         self.api_key = api_key
         self.throttle = throttle
 
@@ -130,36 +130,31 @@ class ApiResource(resource.Resource):
         except orjson.JSONDecodeError as e:
             return reply(request, 400, {"ok": False, "error": f"invalid JSON: {e}"})
         rid = commands.request_id(payload)
-        try:
-            _, result = commands.execute(self.registry, payload, name)
-        except commands.UnknownCommand as e:
-            return reply(request, 404, {"ok": False, "error": e.reason})
-        except commands.RequestError as e:
-            return reply(request, 400, _with_id(rid, {"ok": False, "error": e.reason}))
-        if isinstance(result, Deferred):
-            result.addCallbacks(
-                lambda r: _finish(request, 200, _with_id(rid, r)),
-                lambda f: _finish(request, *_failure(f, rid)),
-            )
+
+        def done(cmd: commands.Command, result: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            return 200, result if rid is None else {"id": rid, **result}
+
+        def failed(error: BaseException) -> tuple[int, dict[str, Any]]:
+            status, reason = describe(error)
+            return status, error_body(reason, rid if status != 404 else None)
+
+        answer = commands.serve(self.node, payload, name, done, failed)
+        if isinstance(answer, Deferred):
+            gone = _watch(request)
+            answer.addCallback(lambda a: gone or _finish(request, *a))
             return server.NOT_DONE_YET
-        return reply(request, 200, _with_id(rid, result))
+        return reply(request, *answer)
 
 
-def _with_id(rid: Any, result: dict[str, Any]) -> dict[str, Any]:
-    return result if rid is None else {"id": rid, **result}
-
-
-def _failure(failure: Failure, rid: Any) -> tuple[int, dict[str, Any]]:
-    if isinstance(failure.value, commands.RequestError):
-        return 400, _with_id(rid, {"ok": False, "error": failure.value.reason})
-    if type(failure.value).__name__ == "ClusterUnavailable":
-        return 503, _with_id(rid, {"ok": False, "error": failure.value.reason})
-    log.failure("command failed", failure)
-    return 500, _with_id(rid, {"ok": False, "error": "internal error"})
+def _watch(request: server.Request) -> list[bool]:
+    """A flag that turns true if the client goes away before the answer is ready."""
+    gone: list[bool] = []
+    request.notifyFinish().addErrback(lambda _: gone.append(True))
+    return gone
 
 
 def _finish(request: server.Request, status: int, body: dict[str, Any]) -> None:
-    if not request.finished and not request._disconnected:
+    if not request.finished:
         request.write(reply(request, status, body))
         request.finish()
 
@@ -169,13 +164,13 @@ class HealthResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, node: Node) -> None:
         super().__init__()
-        self.registry = registry
+        self.node = node
 
     def render_GET(self, request: server.Request) -> bytes:
         request.setHeader(b"content-type", b"text/plain")
-        if self.registry.running:
+        if self.node.running:
             return b"ok\n"
         request.setResponseCode(503)
         return b"stopping\n"
@@ -186,10 +181,11 @@ class MetricsResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, node: Node) -> None:
         super().__init__()
         self.collectors = CollectorRegistry(auto_describe=False)
-        self.collectors.register(MetricsCollector(registry))
+        collector = MetricsCollector(node.hub, node.metrics, lambda: node.broker.stale_messages)
+        self.collectors.register(collector)
 
     def render_GET(self, request: server.Request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
@@ -210,7 +206,7 @@ class PushSite(server.Site):
 
 
 def make_site(
-    registry: Registry,
+    node: Node,
     api_key: bytes | None,
     max_body: int = 65536,
     ws_factory: PushServerFactory | None = None,
@@ -221,8 +217,8 @@ def make_site(
     The browser side (``/push.js``, ``/demo``, ``/ws``) lives in browser.py.
     """
     root = resource.Resource()
-    root.putChild(b"api", ApiResource(registry, api_key, throttle))
-    root.putChild(b"healthz", HealthResource(registry))
-    root.putChild(b"metrics", MetricsResource(registry))
+    root.putChild(b"api", ApiResource(node, api_key, throttle))
+    root.putChild(b"healthz", HealthResource(node))
+    root.putChild(b"metrics", MetricsResource(node))
     browser.add_resources(root, ws_factory)
     return PushSite(root, max_body)

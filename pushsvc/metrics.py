@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
@@ -21,7 +21,7 @@ from prometheus_client.core import (
 )
 
 if TYPE_CHECKING:
-    from pushsvc.registry import Registry
+    from pushsvc.hub import Hub
 
 # Seconds; a push is handled in microseconds unless something is wrong.
 PUSH_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.025, 0.1)
@@ -33,7 +33,6 @@ class Metrics:
     def __init__(self) -> None:
         self.pushes = {"delivered": 0, "offline": 0, "error": 0}
         self.broadcasts = 0
-        self.stale_messages = 0  # cluster messages too old to deliver
         self.frames_sent = 0
         self.bytes_sent = 0
         self.auth_failures: Counter[str] = Counter()
@@ -59,28 +58,44 @@ class Metrics:
 
 
 class MetricsCollector:
-    """A prometheus_client collector reading the registry and its Metrics at scrape time."""
+    """A prometheus_client collector reading the hub and the Metrics at scrape time."""
 
-    def __init__(self, registry: Registry) -> None:
-        self.registry = registry
+    def __init__(self, hub: Hub, metrics: Metrics, stale: Callable[[], int]) -> None:
+        self.hub = hub
+        self.metrics = metrics
+        self.stale = stale
 
     def collect(self) -> Iterator[Metric]:
-        reg, m = self.registry, self.registry.metrics
+        yield from self._gauges()
+        yield from self._counters()
+        buckets, total = self.metrics.push_histogram()
+        yield HistogramMetricFamily(
+            "pushsvc_push_handling_seconds",
+            "Time to handle one push or broadcast request, excluding network I/O.",
+            buckets=buckets,
+            sum_value=total,
+        )
+
+    def _gauges(self) -> Iterator[Metric]:
+        counts = self.hub.counts()
         yield _gauge(
-            "pushsvc_connections", "Authenticated WebSocket connections.", reg.connection_count()
+            "pushsvc_connections", "Authenticated WebSocket connections.", counts["connections"]
         )
         yield _gauge(
             "pushsvc_pending_connections",
             "WebSocket connections that have not authenticated yet.",
-            reg.pending_count(),
+            counts["pending"],
         )
+        yield _gauge("pushsvc_online_uids", "Distinct uids with a live connection.", counts["uids"])
+        yield _gauge("pushsvc_groups", "Groups with at least one member.", counts["groups"])
         yield _gauge(
-            "pushsvc_online_uids", "Distinct uids with a live connection.", reg.online_count()
+            "pushsvc_backend_connections",
+            "Open backend connections.",
+            self.metrics.backend_connections,
         )
-        yield _gauge("pushsvc_groups", "Groups with at least one member.", reg.group_count())
-        yield _gauge(
-            "pushsvc_backend_connections", "Open backend line connections.", m.backend_connections
-        )
+
+    def _counters(self) -> Iterator[Metric]:
+        m = self.metrics
         pushes = CounterMetricFamily(
             "pushsvc_pushes", "Push requests by outcome.", labels=["outcome"]
         )
@@ -117,14 +132,7 @@ class MetricsCollector:
         yield CounterMetricFamily(
             "pushsvc_cluster_stale_messages",
             "Messages from other nodes dropped as older than 30 s (overload).",
-            value=m.stale_messages,
-        )
-        buckets, total = m.push_histogram()
-        yield HistogramMetricFamily(
-            "pushsvc_push_handling_seconds",
-            "Time to handle one push or broadcast request, excluding network I/O.",
-            buckets=buckets,
-            sum_value=total,
+            value=self.stale(),
         )
 
 

@@ -1,8 +1,9 @@
 """twistd glue: ``twistd push`` options and the service tree.
 
-Modelled on ``twisted.words.tap``: one registry service, one protocol factory
-per frontend, each listening on a ``strports`` endpoint description, all in
-one MultiService.
+Modelled on ``twisted.words.tap``: one node service, one protocol factory
+per transport, each listening on a ``strports`` endpoint description, all in
+one MultiService.  This is the one place that chooses the broker and the
+history store: memory for one node, Redis with ``--redis``.
 """
 
 from __future__ import annotations
@@ -13,16 +14,22 @@ from twisted.logger import Logger
 from twisted.python import usage
 from txaio.interfaces import log_levels
 
-from pushsvc.access import BACKEND_SECRET_ENV, BackendGate, FailureThrottle, OriginPolicy
 from pushsvc.auth import API_KEY_ENV, SECRET_ENV, load_secret, make_authenticator
-from pushsvc.backend import BackendFactory
+from pushsvc.backend import BACKEND_SECRET_ENV, BackendFactory, BackendGate
+from pushsvc.broker.memory import MemoryBroker
 from pushsvc.browser import FactoryService
-from pushsvc.fastpath import quiet_autobahn_debug
-from pushsvc.history import DEFAULT_SIZE, MAX_TTL, History
+from pushsvc.compat import quiet_autobahn_debug
+from pushsvc.drain import Drain
+from pushsvc.heaptrim import trimmer
+from pushsvc.history.store import DEFAULT_SIZE, MAX_TTL, MemoryStore
 from pushsvc.http import make_site
-from pushsvc.limits import DEFAULT_MAX_QUEUE, default_max_connections
-from pushsvc.memory import trimmer
-from pushsvc.registry import Registry
+from pushsvc.node import Node
+from pushsvc.policy import (
+    DEFAULT_MAX_QUEUE,
+    FailureThrottle,
+    OriginPolicy,
+    default_max_connections,
+)
 from pushsvc.websocket import PushServerFactory
 
 log = Logger()
@@ -248,45 +255,58 @@ class Options(usage.Options):
 
 
 def makeService(config: Options) -> service.MultiService:
-    """Build the service tree: the registry first, so it stops (and drains) last."""
+    """The service tree: the node first, so it stops last, after the drain."""
     # Autobahn logs every frame at debug level through txaio; keep that off
     # the hot path unless asked for.
     txaio.set_global_log_level(config["log-level"])
     if config["log-level"] != "debug":
         quiet_autobahn_debug()
     top = service.MultiService()
-    registry = Registry(drain_timeout=config["drain-timeout"], drain_window=config["drain-window"])
-    registry.setName("registry")
-    registry.setServiceParent(top)
+    node = make_node(config)
+    node.setServiceParent(top)
+    node.store.setServiceParent(top)
+    Drain(node.hub, config["drain-window"], config["drain-timeout"]).setServiceParent(top)
     if config["trim-interval"] > 0:
         trimmer(config["trim-interval"]).setServiceParent(top)
+    ws_factory = make_ws_factory(config, node)
+    listen(top, config["ws-port"], None, ws_factory)
+    throttle = FailureThrottle(limit=config["auth-fail-limit"])
+    gate = BackendGate(config["backend-secret"], throttle)
+    listen(top, config["text-port"], "127.0.0.1", BackendFactory(node, config["max-line"], gate))
+    if config["http-port"] != "off":
+        # /ws on the HTTP port shares the --ws-port factory; no port starts it
+        # for the resource, so a service does.
+        FactoryService(ws_factory).setServiceParent(top)
+        site = make_site(node, config["api-key"], config["max-body"], ws_factory, throttle)
+        listen(top, config["http-port"], "127.0.0.1", site)
+    log_policy(config)
+    return top
+
+
+def listen(top: service.MultiService, port: str, interface: str | None, factory: object) -> None:
+    strports.service(endpoint(port, interface), factory).setServiceParent(top)
+
+
+def make_node(config: Options) -> Node:
+    """A node with the memory broker and store, or Redis ones with ``--redis``."""
     if config["redis"]:
-        from pushsvc.cluster import Cluster
+        from pushsvc.broker.redis import RedisBroker
+        from pushsvc.history.store import RedisStore
 
-        Cluster(
-            registry,
-            config["redis"],
-            timeout=config["redis-timeout"],
-            heartbeat=config["cluster-heartbeat"],
-        ).setServiceParent(top)
-        log.info("cluster member through Redis {urls}", urls=", ".join(config["redis"]))
-    History(
-        registry, size=config["history-size"], default_ttl=config["history-ttl"]
-    ).setServiceParent(top)
-
-    authenticator = make_authenticator(config["secret"])
-    if authenticator.signed:
-        log.info("WebSocket clients must present an HS256 token signed with the secret")
-    else:
-        log.warn(
-            "WebSocket connections are UNAUTHENTICATED: the first frame is taken as the uid. "
-            "Set --secret-file or ${env} to require signed tokens.",
-            env=SECRET_ENV,
+        broker = RedisBroker(
+            config["redis"], timeout=config["redis-timeout"], heartbeat=config["cluster-heartbeat"]
         )
+        store: MemoryStore | RedisStore = RedisStore(broker.call, size=config["history-size"])
+        log.info("cluster member through Redis {urls}", urls=", ".join(config["redis"]))
+        return Node(broker, store, default_ttl=config["history-ttl"])
+    store = MemoryStore(size=config["history-size"])
+    return Node(MemoryBroker(), store, default_ttl=config["history-ttl"])
 
-    ws_factory = PushServerFactory(
-        registry,
-        authenticator,
+
+def make_ws_factory(config: Options, node: Node) -> PushServerFactory:
+    return PushServerFactory(
+        node,
+        make_authenticator(config["secret"]),
         auth_timeout=config["auth-timeout"],
         max_frame=config["max-client-frame"],
         ping_interval=config["ping-interval"],
@@ -301,27 +321,19 @@ def makeService(config: Options) -> service.MultiService:
         allowed_origins=config["origins"],
         trust_x_forwarded_for=config["trust-x-forwarded-for"],
     )
-    strports.service(endpoint(config["ws-port"]), ws_factory).setServiceParent(top)
 
-    throttle = FailureThrottle(limit=config["auth-fail-limit"])
-    gate = BackendGate(config["backend-secret"], throttle)
+
+def log_policy(config: Options) -> None:
+    """Say at start-up who may connect and push."""
+    if config["secret"]:
+        log.info("WebSocket clients must present an HS256 token signed with the secret")
+    else:
+        log.warn(
+            "WebSocket connections are UNAUTHENTICATED: the first frame is taken as the uid. "
+            "Set --secret-file or ${env} to require signed tokens.",
+            env=SECRET_ENV,
+        )
     if config["backend-secret"] is not None:
         log.info("backend connections must authenticate with the backend secret first")
-    backend = BackendFactory(registry, max_line=config["max-line"], gate=gate)
-    strports.service(endpoint(config["text-port"], "127.0.0.1"), backend).setServiceParent(top)
-
-    if config["http-port"] != "off":
-        # /ws on the HTTP port shares the --ws-port factory (same registry, auth
-        # policy and sweeper); no port starts it for the resource, so a service does.
-        FactoryService(ws_factory).setServiceParent(top)
-        site = make_site(
-            registry,
-            config["api-key"],
-            max_body=config["max-body"],
-            ws_factory=ws_factory,
-            throttle=throttle,
-        )
-        strports.service(endpoint(config["http-port"], "127.0.0.1"), site).setServiceParent(top)
-        if config["api-key"] is None:
-            log.info("the HTTP API accepts requests without an API key")
-    return top
+    if config["http-port"] != "off" and config["api-key"] is None:
+        log.info("the HTTP API accepts requests without an API key")

@@ -1,78 +1,120 @@
 """The WebSocket frontend: browsers connect, authenticate, then only receive.
 
-The first text frame (or a ``?token=`` query parameter) says who the
-connection is: the uid itself, a signed token, or a JSON hello carrying one
-of them and the history positions to resume from (pushsvc.history).  The
-registry takes it from there.  Frames after authentication are ignored.
-Limits (pushsvc.limits) and origins (pushsvc.access) are enforced here.
+A thin adapter from Autobahn's callbacks to the node (as Django's daphne is
+to its channel layer).  The first text frame (or a ``?token=`` query
+parameter) says who the connection is: the uid itself, a signed token, or a
+JSON hello carrying one of them and the history positions to resume from.
+Frames after authentication are ignored.  Origins, connection caps, the
+client frame rate and the send-queue guard (pushsvc.policy) are applied here.
 """
 
 from __future__ import annotations
 
 import time
 
+import orjson
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.protocol import connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pushsvc.access import OriginPolicy
-from pushsvc.auth import (
+from pushsvc import compat
+from pushsvc.auth import JWTAuthenticator, UidAuthenticator
+from pushsvc.errors import (
     CLOSE_AUTH_TIMEOUT,
     CLOSE_BAD_REQUEST,
-    AuthError,
-    JWTAuthenticator,
-    UidAuthenticator,
-)
-from pushsvc.fastpath import write_now
-from pushsvc.history import Position, parse_hello
-from pushsvc.limits import (
-    CLOSE_RATE_LIMITED,
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY,
     CLOSE_SLOW_CONSUMER,
     CLOSE_TOO_MANY_CONNECTIONS,
+    AuthError,
+)
+from pushsvc.history.replay import Replay
+from pushsvc.history.store import Position
+from pushsvc.hub import Frame
+from pushsvc.node import Node
+from pushsvc.policy import (
     DEFAULT_MAX_QUEUE,
+    OriginPolicy,
     PerKeyCounter,
     SendQueueGuard,
     TokenBucket,
     peer_ip,
 )
-from pushsvc.registry import Registry
-
-GOING_AWAY = 1001
+from pushsvc.ratelog import RateLimitedLog
 
 # Module-level on purpose: Autobahn's classes keep their own ``log`` attribute
 # (a txaio logger whose debug calls are no-ops unless enabled).
 log = Logger()
 
 
+def parse_hello(text: str) -> tuple[str, dict[str, Position] | None]:
+    """The credential and history positions of a first frame.
+
+    A JSON object with a ``uid`` or ``token`` key is a hello; any other text
+    is the credential itself, as in the Workerman recipe.
+    """
+    try:
+        hello = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text, None
+    if not isinstance(hello, dict) or not ("uid" in hello or "token" in hello):
+        return text, None
+    credential = hello.get("token", hello.get("uid"))
+    if not isinstance(credential, str):
+        raise AuthError(CLOSE_BAD_REQUEST, "uid and token must be strings")
+    since = hello.get("since")
+    if since is None:
+        return credential, None
+    if not isinstance(since, dict):
+        raise AuthError(CLOSE_BAD_REQUEST, "since must be an object")
+    return credential, {channel: _position(pos) for channel, pos in since.items()}
+
+
+def _position(pos: object) -> Position:
+    if (
+        not isinstance(pos, list)
+        or len(pos) != 2
+        or not isinstance(pos[0], int)
+        or isinstance(pos[0], bool)
+        or pos[0] < 0
+        or not (pos[1] is None or isinstance(pos[1], str))
+    ):
+        raise AuthError(CLOSE_BAD_REQUEST, "since values must be [offset, epoch]")
+    return pos[0], pos[1] or None
+
+
 class PushServerProtocol(WebSocketServerProtocol):
-    """One browser connection."""
+    """One browser connection; the hub's ``Connection``."""
 
     uid: str | None = None
+    # Stored pushes arrive as envelopes with their positions.
+    envelopes = True
     _query_token: str | None = None
     _ip: str | None = None  # counted in the factory's per-IP table while set
     _bucket: TokenBucket | None = None
+    _guard: SendQueueGuard | None = None
+    _gate: Replay | None = None  # while recovering history
 
     def connectionMade(self) -> None:
         super().connectionMade()
         factory = self.factory
         if factory.max_queue:
-            guard = SendQueueGuard(self, factory.max_queue, self._slow_consumer)
-            guard.attach(self.transport)
+            self._guard = SendQueueGuard(factory.max_queue, self._slow_consumer)
+            compat.replace_producer(self.transport, self._guard)
         if factory.client_rate:
             self._bucket = TokenBucket(factory.client_rate, factory.client_burst)
 
     def onConnect(self, request: ConnectionRequest) -> None:
-        self.factory.admit(self, request)
+        self._ip = self.factory.admit(request)
         tokens = request.params.get("token")
         if tokens:
             self._query_token = tokens[0]
 
     def onOpen(self) -> None:
-        self.factory.registry.attach(self)
+        self.factory.node.attach(self)
         if self._query_token is not None:
             token, self._query_token = self._query_token, None
             self._authenticate(token)
@@ -95,56 +137,69 @@ class PushServerProtocol(WebSocketServerProtocol):
         self._authenticate(credential, since)
 
     def _authenticate(self, credential: str, since: dict[str, Position] | None = None) -> None:
+        factory = self.factory
         try:
-            identity = self.factory.authenticator.authenticate(credential)
+            identity = factory.authenticator.authenticate(credential)
         except AuthError as e:
             self._refuse(e)
             return
-        limit = self.factory.max_per_uid
-        if limit and len(self.factory.registry.connections_of(identity.uid)) >= limit:
-            self.factory.registry.metrics.disconnects["too_many_connections"] += 1
+        node = factory.node
+        limit = factory.max_per_uid
+        if limit and node.connections_of(identity.uid) >= limit:
+            node.metrics.disconnects["too_many_connections"] += 1
             self.sendClose(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
             return
         self.uid = identity.uid
-        registry = self.factory.registry
-        registry.identify(self, identity.uid, identity.groups)
-        if since is not None and registry.history is not None:
-            registry.history.recover(self, identity.uid, identity.groups, since)
+        node.identify(self, identity.uid, identity.groups)
+        if since is not None:
+            node.recover(self, identity.uid, identity.groups, since)
 
     def _refuse(self, error: AuthError) -> None:
-        self.factory.registry.metrics.auth_failures[str(error.code)] += 1
+        self.factory.node.metrics.auth_failures[str(error.code)] += 1
         # Never log the credential itself: a token is a bearer secret.
         log.info("authentication failed from {peer}: {reason}", peer=self.peer, reason=error.reason)
         self.sendClose(error.code, error.reason[:120])
 
-    def sendPreparedMessage(self, preparedMsg: PreparedMessage) -> None:
+    # -- the hub's Connection ----------------------------------------------------
+
+    def deliver(self, frame: Frame) -> None:
+        """A push for this connection: through the recovery gate if there is one."""
+        gate = self._gate
+        if gate is None:
+            self.send_frame(frame)
+        else:
+            gate.offer(frame)
+
+    def send_frame(self, frame: Frame) -> None:
         """The push hot path: write the frame straight to the socket when nothing is in the way.
 
         Autobahn's own path (``sendData``) builds debug-log arguments and
         queues the write for the next reactor turn; an open, uncompressed
         connection with nothing queued needs none of that.  Anything else
-        (compression, Autobahn's send queue, the slow-consumer guard counting
-        through ``sendData``) takes Autobahn's path.
+        (compression, Autobahn's send queue, a send-queue guard counting)
+        takes Autobahn's path.
         """
-        if (
-            self._perMessageCompress is None
-            and not self.send_queue
-            and "sendData" not in self.__dict__
-        ):
-            write_now(self.transport, preparedMsg.payloadHybi)
+        if frame.plain is not None and not self.envelopes:
+            frame = frame.plain
+        prepared = frame.prepared or frame.prepare()
+        guard = self._guard
+        if (guard is None or not guard.state) and compat.plain_writes(self):
+            compat.write_now(self.transport, prepared.payloadHybi)
         else:
-            super().sendPreparedMessage(preparedMsg)
+            self.sendPreparedMessage(prepared)
 
-    def goAway(self) -> None:
-        """Close with 1001 at shutdown.
+    def set_gate(self, gate: Replay | None) -> None:
+        self._gate = gate
 
-        ``sendClose`` only accepts 1000 and 3000-4999 (the codes an application
-        may choose), so the frame is sent through ``sendCloseFrame``.
-        """
-        self.sendCloseFrame(GOING_AWAY, b"server shutting down", isReply=False)
+    def close(self, code: int, reason: str) -> None:
+        self.sendClose(code, reason)
+
+    def go_away(self) -> None:
+        """Close with 1001 at shutdown."""
+        compat.close_with(self, CLOSE_GOING_AWAY, b"server shutting down")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        self.factory.registry.detach(self)
+        self.factory.node.detach(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
@@ -152,15 +207,21 @@ class PushServerProtocol(WebSocketServerProtocol):
             self.factory.per_ip.release(self._ip)
             self._ip = None
 
-    # -- limits (pushsvc/limits.py; docs/security.md) ----------------------------
+    # -- limits (pushsvc/policy.py; docs/security.md) ----------------------------
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """Autobahn's write path, counted by the send-queue guard while the peer lags."""
+        guard = self._guard
+        if guard is not None and guard.state and not guard.admit(len(data)):
+            return  # closing as a slow consumer: dropped
+        super().sendData(data, sync, chopsize)
 
     def onFrameBegin(self) -> None:
         """Every client frame (data or control) spends a token of the connection's bucket."""
         bucket = self._bucket
         if bucket is not None and not bucket.take() and self.state == self.STATE_OPEN:
-            self.factory.registry.metrics.disconnects["rate_limit"] += 1
-            # 1008 is outside sendClose's range (1000, 3000-4999), like goAway's 1001.
-            self.sendCloseFrame(CLOSE_RATE_LIMITED, b"rate limit exceeded", isReply=False)
+            self.factory.node.metrics.disconnects["rate_limit"] += 1
+            compat.close_with(self, CLOSE_POLICY, b"rate limit exceeded")
         super().onFrameBegin()
 
     def _slow_consumer(self) -> None:
@@ -169,11 +230,11 @@ class PushServerProtocol(WebSocketServerProtocol):
         The 4010 close frame is queued behind what the peer has not read; the
         close handshake timeout aborts the connection (freeing its buffer) if
         the peer does not get through it.  Later writes are dropped.  This runs
-        inside a registry loop over connections, so the detach waits a turn.
+        inside the hub's loop over connections, so the detach waits a turn.
         """
-        registry = self.factory.registry
-        registry.metrics.disconnects["slow_consumer"] += 1
-        self.factory.reactor.callLater(0, registry.detach, self)
+        node = self.factory.node
+        node.metrics.disconnects["slow_consumer"] += 1
+        self.factory.reactor.callLater(0, node.detach, self)
         if self.state == self.STATE_OPEN:
             self.sendClose(CLOSE_SLOW_CONSUMER, "slow consumer")
         else:
@@ -181,7 +242,7 @@ class PushServerProtocol(WebSocketServerProtocol):
 
     def onAutoPingTimeout(self) -> None:
         """No pong in time: counted, then Autobahn drops the connection."""
-        self.factory.registry.metrics.disconnects["ping_timeout"] += 1
+        self.factory.node.metrics.disconnects["ping_timeout"] += 1
         super().onAutoPingTimeout()
 
     def dropConnection(self, abort: bool = False) -> None:
@@ -195,18 +256,14 @@ class PushServerProtocol(WebSocketServerProtocol):
             super().dropConnection(abort)
             return
         reason = self.wasNotCleanReason or "connection dropped"
-        self.factory.log_once(
+        self.factory.ratelog.emit(
             "drop: " + reason,
-            "dropped a WebSocket ({peer}): {reason}; more for this reason in the next 60 s "
-            "are not logged",
+            "dropped a WebSocket ({peer}): {reason}; {suppressed} more for this reason "
+            "since the last such line, the next 60 s are not logged",
             peer=self.peer,
             reason=reason,
         )
-        self.wasClean = True  # only while Autobahn's method runs: it warns when False
-        try:
-            super().dropConnection(abort)
-        finally:
-            self.wasClean = False
+        compat.drop_quietly(self, super().dropConnection, abort)
 
     def failHandshake(self, reason: str, code: int = 400, responseHeaders: object = None) -> None:
         """Refuse the opening handshake: counted, and logged at most once a minute.
@@ -222,13 +279,13 @@ class PushServerProtocol(WebSocketServerProtocol):
 
 
 class PushServerFactory(WebSocketServerFactory):
-    """Builds browser connections bound to the shared registry and auth policy."""
+    """Builds browser connections bound to the node and the auth policy."""
 
     protocol = PushServerProtocol
 
     def __init__(
         self,
-        registry: Registry,
+        node: Node,
         authenticator: UidAuthenticator | JWTAuthenticator,
         *,
         auth_timeout: float = 10.0,
@@ -247,7 +304,7 @@ class PushServerFactory(WebSocketServerFactory):
         trust_x_forwarded_for: int = 0,
     ) -> None:
         super().__init__(url)
-        self.registry = registry
+        self.node = node
         self.authenticator = authenticator
         self.auth_timeout = auth_timeout
         self.max_queue = max_queue
@@ -256,7 +313,7 @@ class PushServerFactory(WebSocketServerFactory):
         self.client_rate = client_rate
         self.client_burst = max(client_burst, 1) if client_rate else 0
         self.origins = allowed_origins or OriginPolicy(None)
-        self._logged_until: dict[str, float] = {}
+        self.ratelog = RateLimitedLog(log)
         # All options in one call: a second setProtocolOptions call resets
         # allowNullOrigin and friends to their defaults.
         self.setProtocolOptions(
@@ -282,17 +339,7 @@ class PushServerFactory(WebSocketServerFactory):
             # ?redirect=<url> an open redirect; answer 426 instead.
             webStatus=False,
         )
-        # Autobahn copies every option from the factory onto each connection
-        # unless the protocol class already has it: give this factory its own
-        # protocol class holding the options, so a connection stores none.
-        # (Callables such as perMessageCompressionAccept must stay plain
-        # functions, not become methods of the class.)
-        options = {
-            name: staticmethod(value) if callable(value) else value
-            for name in self.protocol.CONFIG_ATTRS
-            for value in [getattr(self, name)]
-        }
-        self.protocol = type(self.protocol.__name__, (self.protocol,), options)
+        self.protocol = compat.protocol_with_options(self)
         self._sweeper = LoopingCall(self._close_unauthenticated)
 
     def startFactory(self) -> None:
@@ -305,41 +352,35 @@ class PushServerFactory(WebSocketServerFactory):
             self._sweeper.stop()
         super().stopFactory()
 
-    def admit(self, conn: PushServerProtocol, request: ConnectionRequest) -> None:
-        """Refuse at the handshake what the origin policy or the per-IP limit does not allow."""
+    def admit(self, request: ConnectionRequest) -> str:
+        """The client's address, counted; refuses what the origins or per-IP limit do not allow."""
         if not self.origins.allows(request.origin):
             raise ConnectionDeny(403, "origin not allowed")
         ip = peer_ip(request.peer)
         if not self.per_ip.acquire(ip):
             raise ConnectionDeny(429, "too many connections from this address")
-        conn._ip = ip
+        return ip
 
     def refused(self, code: int, reason: str, peer: str | None) -> None:
         """Count a refused handshake; log one line a minute at most."""
-        self.registry.metrics.handshake_refusals[str(code)] += 1
-        self.log_once(
+        self.node.metrics.handshake_refusals[str(code)] += 1
+        self.ratelog.emit(
             "refused",
             "refused a WebSocket handshake from {peer}: {code} {reason} "
-            "(further refusals in the next 60 s are only counted in /metrics)",
+            "({suppressed} more since the last such line; the next 60 s are only counted "
+            "in /metrics)",
             peer=peer,
             code=code,
             reason=reason,
         )
 
-    def log_once(self, kind: str, message: str, **fields: object) -> None:
-        """Log ``message`` at most once a minute per ``kind``: for events clients cause in bulk."""
-        now = time.monotonic()
-        if now >= self._logged_until.get(kind, 0.0):
-            self._logged_until[kind] = now + 60.0
-            log.info(message, **fields)
-
     def _close_unauthenticated(self) -> None:
         """One sweep for every connection's auth timeout, instead of a timer each."""
         deadline = time.monotonic() - self.auth_timeout
-        for conn, opened in self.registry.waiting_since():
+        for conn, opened in self.node.waiting_since():
             if opened > deadline:
                 break
-            conn.sendClose(CLOSE_AUTH_TIMEOUT, "authentication timeout")
+            conn.close(CLOSE_AUTH_TIMEOUT, "authentication timeout")
 
 
 def _accept_deflate(offers: list) -> object | None:

@@ -15,7 +15,9 @@ from twisted.internet.testing import StringTransport
 
 from pushsvc import commands
 from pushsvc.backend import BackendProtocol
-from pushsvc.registry import Registry
+from pushsvc.broker.memory import MemoryBroker
+from pushsvc.history.store import MemoryStore
+from pushsvc.node import Node
 
 MAX_LINE = 512
 FIELDS = ["cmd", "uid", "group", "data", "percent", "id", "exclude", "limit", "after", "code"]
@@ -23,30 +25,30 @@ FIELDS += ["reason", "secret"]
 
 
 class FakeConn:
-    """A registry connection that records what it was sent."""
+    """A hub connection that records what it was sent."""
 
     def __init__(self) -> None:
         self.frames = 0
         self.closed: list[tuple[int | None, str | None]] = []
 
-    def sendPreparedMessage(self, prepared: object) -> None:
+    def deliver(self, frame: object) -> None:
         self.frames += 1
 
-    def sendClose(self, code: int | None = None, reason: str | None = None) -> None:
+    def close(self, code: int, reason: str) -> None:
         self.closed.append((code, reason))
 
-    def goAway(self) -> None:
+    def go_away(self) -> None:
         self.closed.append((1001, None))
 
 
 def backend() -> tuple[BackendProtocol, StringTransport]:
-    registry = Registry()
+    node = Node(MemoryBroker(), MemoryStore())
     for uid, groups in (("u1", ["g1"]), ("u1", []), ("u2", ["g1", "g2"])):
         conn = FakeConn()
-        registry.attach(conn)
-        registry.identify(conn, uid, groups)
-    registry.join(["u2"], ["g3"])
-    proto = BackendProtocol(registry, MAX_LINE)
+        node.attach(conn)
+        node.identify(conn, uid, groups)
+    node.join(["u2"], ["g3"])
+    proto = BackendProtocol(node, MAX_LINE)
     transport = StringTransport()
     proto.makeConnection(transport)
     return proto, transport

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pushsvc.auth import AuthError
-from pushsvc.history import MemoryStore, parse_hello
+from pushsvc.errors import AuthError
+from pushsvc.history.store import MemoryStore
+from pushsvc.websocket import parse_hello
 
 
 class Clock:

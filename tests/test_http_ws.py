@@ -16,8 +16,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from pushsvc.auth import make_authenticator
+from pushsvc.broker.memory import MemoryBroker
 from pushsvc.browser import FactoryService
-from pushsvc.registry import Registry
+from pushsvc.history.store import MemoryStore
+from pushsvc.node import Node
 from pushsvc.websocket import PushServerFactory
 
 
@@ -69,7 +71,7 @@ def test_no_pages_below_the_files(server: PushServer) -> None:
     assert get(server, "/push.js/x")[0] == 404
 
 
-def test_ws_on_the_http_port_shares_the_registry(server: PushServer) -> None:
+def test_ws_on_the_http_port_shares_the_node(server: PushServer) -> None:
     on_http = http_ws(server, "hws-1")
     on_ws_port = server.ws("hws-1")
     server.wait_for(lambda s: s["connections"] >= 2)
@@ -118,7 +120,9 @@ def test_http_port_off_keeps_the_ws_port(start_server) -> None:
 
 def test_factory_service_runs_the_sweeper_with_or_without_a_port() -> None:
     """WebSocketResource never starts its factory; FactoryService does, counting like a port."""
-    factory = PushServerFactory(Registry(), make_authenticator(None), auth_timeout=1)
+    factory = PushServerFactory(
+        Node(MemoryBroker(), MemoryStore()), make_authenticator(None), auth_timeout=1
+    )
     service = FactoryService(factory)
     service.startService()
     assert factory._sweeper.running

@@ -8,10 +8,17 @@ from rawws import TEXT, frame, request
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from pushsvc.access import FailureThrottle
 from pushsvc.auth import UidAuthenticator
-from pushsvc.limits import SendQueueGuard, TokenBucket, default_max_connections, peer_ip
-from pushsvc.registry import Registry
+from pushsvc.broker.memory import MemoryBroker
+from pushsvc.history.store import MemoryStore
+from pushsvc.node import Node
+from pushsvc.policy import (
+    FailureThrottle,
+    SendQueueGuard,
+    TokenBucket,
+    default_max_connections,
+    peer_ip,
+)
 from pushsvc.websocket import PushServerFactory
 
 
@@ -26,8 +33,8 @@ class HTTPChannelStandIn:
 
 
 def connected(max_queue: int, take_over: bool = False):
-    registry = Registry()
-    factory = PushServerFactory(registry, UidAuthenticator(), max_queue=max_queue)
+    node = Node(MemoryBroker(), MemoryStore())
+    factory = PushServerFactory(node, UidAuthenticator(), max_queue=max_queue)
     factory.reactor = Clock()
     proto = factory.buildProtocol(None)
     transport = StringTransport()
@@ -37,9 +44,9 @@ def connected(max_queue: int, take_over: bool = False):
     proto.dataReceived(request())
     assert transport.value().startswith(b"HTTP/1.1 101")
     proto.dataReceived(frame(TEXT, b"unit-uid"))
-    assert registry.is_online("unit-uid")
+    assert node.connections_of("unit-uid") == 1
     transport.clear()
-    return registry, proto, transport
+    return node, proto, transport
 
 
 def test_guard_replaces_the_http_channel_producer() -> None:
@@ -48,27 +55,28 @@ def test_guard_replaces_the_http_channel_producer() -> None:
     assert transport.streaming
 
 
-def test_guard_costs_nothing_until_paused_and_closes_4010_past_the_limit() -> None:
-    registry, proto, transport = connected(1000)
+def test_guard_counts_only_while_paused_and_closes_4010_past_the_limit() -> None:
+    node, proto, transport = connected(1000)
     guard = transport.producer
-    assert "sendData" not in proto.__dict__  # the class's own method: no wrapper
+    assert guard.state == guard.OPEN  # the push hot path skips the guard entirely
     guard.pauseProducing()
-    assert "sendData" in proto.__dict__
+    assert guard.state == guard.PAUSED
     guard.resumeProducing()
-    assert "sendData" not in proto.__dict__
+    assert guard.state == guard.OPEN
     guard.pauseProducing()
-    assert registry.local_push(["unit-uid"], b"x" * 600) == 1  # 602 bytes queued: fine
-    assert registry.local_push(["unit-uid"], b"x" * 600) == 1  # over 1000: closed
+    assert node.push(["unit-uid"], b"x" * 600) == 1  # 604 bytes queued: fine
+    assert guard.queued == 604  # the frame: 4 header bytes and the payload
+    assert node.push(["unit-uid"], b"x" * 600) == 1  # over 1000: closed
     proto.factory.reactor.advance(0)  # detached a turn later, outside the push loop
-    assert not registry.is_online("unit-uid")
-    assert registry.metrics.disconnects["slow_consumer"] == 1
+    assert node.connections_of("unit-uid") == 0
+    assert node.metrics.disconnects["slow_consumer"] == 1
     written = transport.value()
     assert written.endswith(b"\x88\x0f\x0f\xaaslow consumer")  # close 4010, then nothing
-    assert registry.local_push(["unit-uid"], b"late") == 0
+    assert node.push(["unit-uid"], b"late") == 0
     proto.sendPing()  # anything written afterwards is dropped
     assert transport.value() == written
     guard.resumeProducing()  # tripped: stays dropped
-    assert proto.__dict__["sendData"] is not None
+    assert guard.state == guard.DROPPING
 
 
 def test_token_bucket() -> None:
@@ -116,8 +124,8 @@ def test_default_max_connections_leaves_room_for_the_rest() -> None:
 
 
 def test_overflow_inside_a_fan_out_loop() -> None:
-    """Tripping the guard mid-push or mid-broadcast must not disturb the registry's loop."""
-    registry, first, t1 = connected(100)
+    """Tripping the guard mid-push or mid-broadcast must not disturb the hub's loop."""
+    node, first, t1 = connected(100)
     second = first.factory.buildProtocol(None)
     t2 = StringTransport()
     second.makeConnection(t2)
@@ -127,9 +135,9 @@ def test_overflow_inside_a_fan_out_loop() -> None:
     third.dataReceived(request() + frame(TEXT, b"other-uid"))
     for t in (t1, t2):
         t.producer.pauseProducing()
-    assert registry.local_push(["unit-uid"], b"x" * 200) == 2
-    assert registry.local_broadcast(b"y" * 200) == 3
+    assert node.push(["unit-uid"], b"x" * 200) == 2
+    assert node.broadcast(b"y" * 200) == 3
     first.factory.reactor.advance(0)
-    assert registry.connections_of("unit-uid") == frozenset()
-    assert registry.is_online("other-uid")
-    assert registry.metrics.disconnects["slow_consumer"] == 2
+    assert node.connections_of("unit-uid") == 0
+    assert node.connections_of("other-uid") == 1
+    assert node.metrics.disconnects["slow_consumer"] == 2

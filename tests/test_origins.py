@@ -7,7 +7,7 @@ from conftest import PushServer
 from test_limits import refused_status
 from test_slow_consumer import metric
 
-from pushsvc.access import OriginPolicy
+from pushsvc.policy import OriginPolicy
 
 ALLOWED = "https://app.example.com,https://*.example.org:8443,http://localhost:3000"
 

@@ -38,7 +38,7 @@ def test_wheel_ships_the_plugin_and_twistd_finds_it(tmp_path: Path) -> None:
     probe = (
         "import sys; from twisted.plugin import getPlugins; from twisted.application.service "
         "import IServiceMaker; names = [p.tapname for p in getPlugins(IServiceMaker)]; "
-        "assert 'push' in names, names; assert 'pushsvc.registry' not in sys.modules; print('ok')"
+        "assert 'push' in names, names; assert 'pushsvc.node' not in sys.modules; print('ok')"
     )
     out = subprocess.run([python, "-c", probe], check=True, capture_output=True, cwd=tmp_path)
     assert out.stdout.strip() == b"ok"

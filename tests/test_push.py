@@ -38,7 +38,7 @@ def test_closing_tabs_is_noticed(server: PushServer) -> None:
         assert b.request(json.dumps({"uid": user, "data": "x"})) == b"ok"
     assert tabs[1].recv(timeout=5) == "x"
     tabs[1].close()
-    # The close handshake completes before close() returns, so the registry
+    # The close handshake completes before close() returns, so the node
     # has forgotten the connection by the time the next request arrives.
     with server.backend() as b:
         assert b.request(json.dumps({"uid": user, "data": "y"})) == b"fail"

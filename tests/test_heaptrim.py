@@ -6,7 +6,7 @@ import ctypes.util
 
 import pytest
 
-from pushsvc import memory
+from pushsvc import heaptrim
 
 
 @pytest.mark.skipif("libc.so" not in (ctypes.util.find_library("c") or ""), reason="glibc only")
@@ -21,12 +21,12 @@ def test_trim_returns_freed_memory_to_the_os() -> None:
     keep = blocks[::5000]
     del blocks
     before = rss_kib()
-    assert memory.trim() is True
+    assert heaptrim.trim() is True
     after = rss_kib()
     assert after < before - 10_000, (before, after)  # at least ~10 MiB of the ~100 given back
     assert keep
 
 
 def test_trimmer_is_a_timer_service() -> None:
-    service = memory.trimmer(60)
-    assert service.step == 60 and service.call[0] is memory.trim
+    service = heaptrim.trimmer(60)
+    assert service.step == 60 and service.call[0] is heaptrim.trim

@@ -1,0 +1,223 @@
+"""Every place pushsvc touches a library's internals, and nowhere else.
+
+Each shortcut here was found by profiling or needed for correctness, and each
+relies on something a library does not promise.  ``problems()`` checks that
+every internal is still there; tests/test_compat.py runs it, so an upgrade
+that breaks one fails with a message naming it instead of a strange error in
+production.  The version pins in pyproject.toml follow from this module.
+
+Tested with Twisted 23.10 - 26.10, Autobahn 23.1 - 26.11, txredisapi 1.6.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from twisted.internet import tcp
+
+T = TypeVar("T")
+
+
+# -- Twisted: write a frame at once (tcp.Server._tempDataLen, dataBuffer, _writeDisconnected)
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """``transport.write(data)``, but sent at once when nothing is queued ahead of it.
+
+    Twisted's TCP transport queues every write, asks epoll to report the
+    socket writable, sends on the next reactor turn and unregisters again:
+    two ``epoll_ctl`` system calls per frame on top of the ``send()``.  Like
+    asyncio, try ``send()`` first when the transport holds nothing, and hand
+    Twisted only what the kernel did not take (and any error, which its own
+    write path then reports as usual).
+    """
+    if (
+        type(transport) is tcp.Server
+        and not transport._tempDataLen
+        and not transport.dataBuffer
+        and transport.connected
+        and not transport._writeDisconnected
+    ):
+        try:
+            sent = transport.socket.send(data)
+        except OSError:  # EAGAIN, or an error Twisted will find on its own write
+            sent = 0
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+# -- Twisted: a transport's producer slot (FileDescriptor.producer / _producer) --------
+
+
+def replace_producer(transport: Any, producer: Any) -> None:
+    """Register ``producer`` on ``transport``, replacing one left by a previous owner.
+
+    Under ``WebSocketResource`` the HTTP channel registered itself as the
+    transport's producer before handing the transport over; it no longer
+    writes to it, and a transport takes one producer only.  TLS transports
+    keep it as ``_producer``.
+    """
+    if (
+        getattr(transport, "producer", None) is not None
+        or getattr(transport, "_producer", None) is not None
+    ):
+        transport.unregisterProducer()
+    transport.registerProducer(producer, True)
+
+
+# -- Autobahn: module-level debug formatting helpers (pformat, hltype, hlval) ----------
+
+
+def _unformatted(*args: object, **kwargs: object) -> str:
+    return ""
+
+
+DEBUG_FORMATTERS = ("pformat", "hltype", "hlval")
+
+
+def quiet_autobahn_debug() -> None:
+    """Stop Autobahn from formatting debug-log arguments that nobody will read.
+
+    Autobahn writes ``self.log.debug("...", attrs=pformat(...))`` and
+    ``func=hltype(...)``: the arguments are built before the (disabled) debug
+    call returns, which cost a third of the CPU of each new connection
+    (``pformat`` of 29 options) and an eighth of each sent frame (colour
+    formatting).  Those helpers only feed debug lines, so with debug logging
+    off they are replaced by a no-op in Autobahn's WebSocket modules.
+    """
+    for module in _autobahn_modules():
+        for name in DEBUG_FORMATTERS:
+            if hasattr(module, name):
+                setattr(module, name, _unformatted)
+
+
+def _autobahn_modules() -> list[Any]:
+    import autobahn.twisted.websocket as twisted_websocket
+    import autobahn.websocket.protocol as websocket_protocol
+
+    return [websocket_protocol, twisted_websocket]
+
+
+# -- Autobahn: options on the protocol class (WebSocketServerProtocol.CONFIG_ATTRS) ----
+
+
+def protocol_with_options(factory: Any) -> type:
+    """A protocol class of ``factory``'s own that holds its options as class attributes.
+
+    Autobahn copies every option from the factory onto each connection unless
+    the protocol class already has it; with the options on the class, a
+    connection stores none (less memory and set-up per connection).  Callables
+    such as ``perMessageCompressionAccept`` stay plain functions.
+    """
+    base = factory.protocol
+    options = {
+        name: staticmethod(value) if callable(value) else value
+        for name in base.CONFIG_ATTRS
+        for value in [getattr(factory, name)]
+    }
+    return type(base.__name__, (base,), options)
+
+
+# -- Autobahn: connection state (_perMessageCompress, send_queue, sendCloseFrame, wasClean)
+
+
+def plain_writes(conn: Any) -> bool:
+    """Whether a frame may bypass Autobahn's send path: no compression, nothing queued."""
+    return conn._perMessageCompress is None and not conn.send_queue
+
+
+def close_with(conn: Any, code: int, reason: bytes) -> None:
+    """Send a close frame with a code ``sendClose`` refuses (1001, 1008: only 1000, 3000-4999)."""
+    conn.sendCloseFrame(code, reason, isReply=False)
+
+
+def drop_quietly(conn: Any, drop: Callable[[bool], None], abort: bool) -> None:
+    """Run Autobahn's ``dropConnection`` without its warning line per connection.
+
+    It warns when ``wasClean`` is False; the caller has already logged the
+    drop (rate-limited), so ``wasClean`` is set only while the drop runs.
+    """
+    conn.wasClean = True
+    try:
+        drop(abort)
+    finally:
+        conn.wasClean = False
+
+
+# -- txredisapi: the consistent hash keys its nodes by ``node._factory.uuid`` ------------
+
+
+class _RingNode:
+    __slots__ = ("_factory", "value")
+
+    def __init__(self, name: str, value: Any) -> None:
+        self._factory = type("Named", (), {"uuid": name})()
+        self.value = value
+
+
+def hash_ring(named: Sequence[tuple[str, T]]) -> Callable[[bytes], T]:
+    """Consistent hashing over named values with txredisapi's ``HashRing``.
+
+    The same ring as txredisapi's own sharded connections, so keys stay on the
+    Redis server they were on before.
+    """
+    import txredisapi
+
+    ring = txredisapi.HashRing([_RingNode(name, value) for name, value in named])
+    return lambda key: ring.get_node(key).value
+
+
+# -- the check ---------------------------------------------------------------------------
+
+
+def problems() -> list[str]:
+    """What is missing of the internals above, one line each (empty when all is well)."""
+    from autobahn.twisted.websocket import WebSocketServerProtocol
+
+    found = []
+    server = _tcp_server()
+    for name in ("_tempDataLen", "dataBuffer", "_writeDisconnected", "connected", "socket"):
+        if not hasattr(server, name):
+            found.append(f"twisted.internet.tcp.Server.{name} (used by compat.write_now)")
+    modules = _autobahn_modules()
+    for name in DEBUG_FORMATTERS[:2]:
+        if not any(hasattr(m, name) for m in modules):
+            found.append(f"autobahn.websocket.protocol.{name} (compat.quiet_autobahn_debug)")
+    if not isinstance(getattr(WebSocketServerProtocol, "CONFIG_ATTRS", None), list):
+        found.append("WebSocketServerProtocol.CONFIG_ATTRS (compat.protocol_with_options)")
+    for name in ("sendCloseFrame", "dropConnection", "_perMessageCompress", "send_queue"):
+        if not hasattr(WebSocketServerProtocol, name) and name not in _instance_attrs():
+            found.append(f"WebSocketServerProtocol.{name} (compat)")
+    try:
+        hash_ring([("a", 1)])(b"x")
+    except Exception as e:  # noqa: BLE001 - any failure means the internal changed
+        found.append(f"txredisapi.HashRing keyed by _factory.uuid (compat.hash_ring): {e!r}")
+    return found
+
+
+def _tcp_server() -> tcp.Server:
+    """A real accepted-connection transport over a socket pair, to look at its attributes."""
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.internet.protocol import Protocol
+
+    class Port:
+        _realPortNumber = 0
+
+    mine, _ = socket.socketpair()
+    return tcp.Server(mine, Protocol(), ("127.0.0.1", 0), Port(), 0, reactor)
+
+
+def _instance_attrs() -> set[str]:
+    """Attributes Autobahn sets per connection (in ``_connectionMade``), read from a live one."""
+    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+    from twisted.internet.testing import StringTransport
+
+    proto = WebSocketServerProtocol()
+    proto.factory = WebSocketServerFactory()
+    proto.makeConnection(StringTransport())
+    return set(vars(proto))
