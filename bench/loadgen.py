@@ -354,7 +354,7 @@ def close_clients(clients: list[WsClient]) -> None:
 
 
 # --------------------------------------------------------------------------
-# Backend connections on the text port
+# Backend connections on the backend port
 # --------------------------------------------------------------------------
 
 
@@ -436,7 +436,7 @@ class Backend(asyncio.Protocol):
 
 
 async def open_backends(host: str, port: int | tuple[int, ...], count: int) -> list[Backend]:
-    """Open ``count`` backend connections to the text port (round robin over several)."""
+    """Open ``count`` backend connections to the backend port (round robin over several)."""
     loop = asyncio.get_running_loop()
     ports = port if isinstance(port, tuple) else (port,)
     backends = []
@@ -478,7 +478,7 @@ class Target:
     """Where the server listens and which processes to watch.
 
     A cluster adds the other processes whose CPU counts (``extra_pids``: the
-    other nodes, Redis) and may spread backends over several text ports
+    other nodes, Redis) and may spread backends over several backend ports
     (``backend_ports``).
     """
 

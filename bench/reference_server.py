@@ -10,7 +10,7 @@ Protocol:
 
 * WebSocket port: the first text frame of a connection is its uid; later
   frames from the browser are ignored.  A uid may be held by many connections.
-* Text port: newline-terminated JSON requests, one reply line per request, in
+* Backend port: newline-terminated JSON requests, one reply line per request, in
   order.  ``{"uid": ..., "percent": ...}`` or ``{"uid": ..., "data": ...}``
   push to a uid (or a list of uids) and reply ``ok`` when at least one
   connection got the message, else ``fail``.  ``{"cmd": "broadcast",
@@ -141,6 +141,6 @@ async def main(ws_spec: str, text_spec: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ws-port", required=True, help="WebSocket port")
-    parser.add_argument("--text-port", required=True, help="backend text port")
+    parser.add_argument("--text-port", required=True, help="backend port")
     args = parser.parse_args()
     asyncio.run(main(args.ws_port, args.text_port))

@@ -855,7 +855,7 @@ def profile_pushsvc(
 # Known costs of a Twisted + Autobahn server, matched by substring in any frame
 # of a sample: their inclusive share tells where the time goes at a glance.
 HOT_SPOTS = {
-    "frame or reply sent at once, incl. its send() (fastpath.write_now)": ("write_now (",),
+    "frame or reply sent at once, incl. its send() (compat.write_now)": ("write_now (",),
     "socket send (Connection.writeSomeData)": ("Connection.writeSomeData (",),
     "epoll_ctl per write (addWriter/removeWriter)": ("addWriter (", "removeWriter ("),
     "Autobahn debug-log arguments built per send (hltype/hlval)": ("hltype (", "hlval ("),

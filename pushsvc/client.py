@@ -1,4 +1,4 @@
-"""A synchronous Python client for pushsvc's backend line port.
+"""A synchronous Python client for pushsvc's backend port.
 
 Web applications push from request handlers, Celery tasks, cron scripts: code
 that is not asynchronous and wants an answer ("was the user online?") before

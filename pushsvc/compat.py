@@ -178,10 +178,12 @@ def problems() -> list[str]:
     from autobahn.twisted.websocket import WebSocketServerProtocol
 
     found = []
-    server = _tcp_server()
+    server, peer = _tcp_server()
     for name in ("_tempDataLen", "dataBuffer", "_writeDisconnected", "connected", "socket"):
         if not hasattr(server, name):
             found.append(f"twisted.internet.tcp.Server.{name} (used by compat.write_now)")
+    server.socket.close()
+    peer.close()
     modules = _autobahn_modules()
     for name in DEBUG_FORMATTERS[:2]:
         if not any(hasattr(m, name) for m in modules):
@@ -198,7 +200,7 @@ def problems() -> list[str]:
     return found
 
 
-def _tcp_server() -> tcp.Server:
+def _tcp_server() -> tuple[tcp.Server, Any]:
     """A real accepted-connection transport over a socket pair, to look at its attributes."""
     import socket
 
@@ -208,8 +210,8 @@ def _tcp_server() -> tcp.Server:
     class Port:
         _realPortNumber = 0
 
-    mine, _ = socket.socketpair()
-    return tcp.Server(mine, Protocol(), ("127.0.0.1", 0), Port(), 0, reactor)
+    mine, theirs = socket.socketpair()
+    return tcp.Server(mine, Protocol(), ("127.0.0.1", 0), Port(), 0, reactor), theirs
 
 
 def _instance_attrs() -> set[str]:

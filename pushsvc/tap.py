@@ -156,7 +156,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["ws-port", None, "1234", "WebSocket port or endpoint (all interfaces)."],
-        ["text-port", None, "5678", "Backend line port or endpoint (127.0.0.1 only by default)."],
+        ["text-port", None, "5678", "Backend port or endpoint (127.0.0.1 only by default)."],
         [
             "http-port",
             None,

@@ -314,6 +314,26 @@ class PushServerFactory(WebSocketServerFactory):
         self.client_burst = max(client_burst, 1) if client_rate else 0
         self.origins = allowed_origins or OriginPolicy(None)
         self.ratelog = RateLimitedLog(log)
+        self._set_options(
+            max_frame,
+            ping_interval,
+            ping_timeout,
+            compression,
+            max_connections,
+            trust_x_forwarded_for,
+        )
+        self.protocol = compat.protocol_with_options(self)
+        self._sweeper = LoopingCall(self._close_unauthenticated)
+
+    def _set_options(
+        self,
+        max_frame: int,
+        ping_interval: float,
+        ping_timeout: float,
+        compression: bool,
+        max_connections: int,
+        trust_x_forwarded_for: int,
+    ) -> None:
         # All options in one call: a second setProtocolOptions call resets
         # allowNullOrigin and friends to their defaults.
         self.setProtocolOptions(
@@ -321,7 +341,7 @@ class PushServerFactory(WebSocketServerFactory):
             maxMessagePayloadSize=max_frame,
             autoPingInterval=ping_interval or 0,
             autoPingTimeout=ping_timeout if ping_interval else 0,
-            openHandshakeTimeout=max(auth_timeout, 5.0),
+            openHandshakeTimeout=max(self.auth_timeout, 5.0),
             closeHandshakeTimeout=2,
             # Protocol violations get a close frame with a code (1002, 1007,
             # 1009...) instead of a silent TCP drop, so clients can tell why.
@@ -339,8 +359,6 @@ class PushServerFactory(WebSocketServerFactory):
             # ?redirect=<url> an open redirect; answer 426 instead.
             webStatus=False,
         )
-        self.protocol = compat.protocol_with_options(self)
-        self._sweeper = LoopingCall(self._close_unauthenticated)
 
     def startFactory(self) -> None:
         super().startFactory()

@@ -1,4 +1,4 @@
-"""One table of requests, run against both transports: the line port and the HTTP API."""
+"""One table of requests, run against both transports: the backend port and the HTTP API."""
 
 from __future__ import annotations
 
