@@ -8,8 +8,10 @@ history store: memory for one node, Redis with ``--redis``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import txaio
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.logger import Logger
 from twisted.python import usage
 from txaio.interfaces import log_levels
@@ -17,12 +19,14 @@ from txaio.interfaces import log_levels
 from pushsvc.auth import API_KEY_ENV, SECRET_ENV, load_secret, make_authenticator
 from pushsvc.backend import BACKEND_SECRET_ENV, BackendFactory, BackendGate
 from pushsvc.broker.memory import MemoryBroker
+from pushsvc.broker.shard import parse_redis_url
 from pushsvc.browser import FactoryService
 from pushsvc.compat import quiet_autobahn_debug
 from pushsvc.drain import Drain
 from pushsvc.heaptrim import trimmer
 from pushsvc.history.store import DEFAULT_SIZE, MAX_TTL, MemoryStore
 from pushsvc.http import make_site
+from pushsvc.listeners import Listener, check_endpoint
 from pushsvc.node import Node
 from pushsvc.policy import (
     DEFAULT_MAX_QUEUE,
@@ -34,26 +38,7 @@ from pushsvc.websocket import PushServerFactory
 
 log = Logger()
 
-LISTEN_BACKLOG = 1024  # Twisted's default of 50 drops SYNs in a reconnect storm
-
-
-def endpoint(value: str, interface: str | None = None) -> str:
-    """A bare port number becomes a TCP endpoint description; other descriptions are kept.
-
-    TCP and TLS listeners get a backlog of LISTEN_BACKLOG unless they name
-    their own: Twisted's default of 50 loses SYNs when a thousand browsers
-    reconnect at once (docs/performance.md measured it).
-    """
-    if value.isdigit():
-        desc = f"tcp:{value}:backlog={LISTEN_BACKLOG}"
-        if interface:
-            desc += f":interface={interface}"
-        return desc
-    kind = value.split(":", 1)[0]
-    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in value:
-        return f"{value}:backlog={LISTEN_BACKLOG}"
-    return value
-
+LOCAL = "127.0.0.1"  # the backend and HTTP ports listen here unless given an endpoint
 
 # Limits and access control (docs/security.md lists each with its error or close code).
 LIMIT_PARAMETERS = [
@@ -135,7 +120,7 @@ def check_limit_options(config: usage.Options) -> None:
         "auth-fail-limit",
     ):
         if config[name] < 0:
-            raise usage.UsageError(f"--{name} must not be negative")
+            raise usage.UsageError(f"--{name} {config[name]!r}: must not be negative")
     try:
         config["origins"] = OriginPolicy.parse(config["allowed-origins"])
     except ValueError as e:
@@ -144,6 +129,24 @@ def check_limit_options(config: usage.Options) -> None:
         config["backend-secret"] = load_secret(config["backend-secret-file"], BACKEND_SECRET_ENV)
     except (OSError, ValueError) as e:
         raise usage.UsageError(f"cannot read the backend secret: {e}") from None
+
+
+def _named(name: str, kind: type) -> Any:
+    """A coerce function whose error names the option and the value."""
+
+    def coerce(value: str) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise ValueError(f"--{name} {value!r}: not {what}") from None
+
+    coerce.coerceDoc = ""  # type: ignore[attr-defined]
+    return coerce
+
+
+def _with_named_coerce(parameters: list[list[Any]]) -> list[list[Any]]:
+    return [p[:4] + [_named(p[0], p[4])] if len(p) > 4 else p for p in parameters]
 
 
 class Options(usage.Options):
@@ -218,6 +221,7 @@ class Options(usage.Options):
         ],
         ["log-level", None, "info", "Log level for Autobahn's own messages (debug is per frame)."],
     ]
+    optParameters = _with_named_coerce(optParameters)
     optFlags = [
         ["compression", None, "Accept permessage-deflate (off by default: it costs CPU and RAM)."],
     ]
@@ -233,19 +237,48 @@ class Options(usage.Options):
         """
         self["redis"].append(url)
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse, and say what is wrong in one line: no traceback, no help text before it.
+
+        twistd prints the whole help before a UsageError; a bad value deserves
+        the option, the value and the reason, on stderr, with a non-zero exit.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            reason = str(e).removeprefix("Parameter type enforcement failed: ")
+            raise SystemExit(
+                f"twistd push: {reason} (twistd push --help lists the options)"
+            ) from None
+
     def postOptions(self) -> None:
+        check_endpoint("ws-port", self["ws-port"])
+        check_endpoint("text-port", self["text-port"], LOCAL)
+        if self["http-port"] != "off":
+            check_endpoint("http-port", self["http-port"], LOCAL)
+        for url in self["redis"]:
+            try:
+                parse_redis_url(url)
+            except ValueError as e:
+                raise usage.UsageError(f"--redis {url!r}: {e}") from None
         for name in ("auth-timeout", "max-line", "max-body", "max-client-frame", "drain-timeout"):
             if self[name] <= 0:
-                raise usage.UsageError(f"--{name} must be positive")
+                raise usage.UsageError(f"--{name} {self[name]!r}: must be positive")
         for name in ("ping-interval", "ping-timeout"):
             if self[name] < 0:
-                raise usage.UsageError(f"--{name} must not be negative")
+                raise usage.UsageError(f"--{name} {self[name]!r}: must not be negative")
         if not 0 <= self["history-ttl"] <= MAX_TTL:
-            raise usage.UsageError(f"--history-ttl must be from 0 to {MAX_TTL}")
+            raise usage.UsageError(
+                f"--history-ttl {self['history-ttl']}: must be from 0 to {MAX_TTL}"
+            )
         if not 1 <= self["history-size"] <= 100000:
-            raise usage.UsageError("--history-size must be from 1 to 100000")
+            raise usage.UsageError(
+                f"--history-size {self['history-size']}: must be from 1 to 100000"
+            )
         if self["log-level"] not in log_levels:
-            raise usage.UsageError(f"--log-level must be one of {', '.join(log_levels)}")
+            raise usage.UsageError(
+                f"--log-level {self['log-level']!r}: must be one of {', '.join(log_levels)}"
+            )
         try:
             self["secret"] = load_secret(self["secret-file"], SECRET_ENV)
             self["api-key"] = load_secret(self["api-key-file"], API_KEY_ENV)
@@ -269,22 +302,20 @@ def makeService(config: Options) -> service.MultiService:
     if config["trim-interval"] > 0:
         trimmer(config["trim-interval"]).setServiceParent(top)
     ws_factory = make_ws_factory(config, node)
-    listen(top, config["ws-port"], None, ws_factory)
+    Listener("WebSocket", "ws-port", config["ws-port"], None, ws_factory).setServiceParent(top)
     throttle = FailureThrottle(limit=config["auth-fail-limit"])
-    gate = BackendGate(config["backend-secret"], throttle)
-    listen(top, config["text-port"], "127.0.0.1", BackendFactory(node, config["max-line"], gate))
+    backend = BackendFactory(
+        node, config["max-line"], BackendGate(config["backend-secret"], throttle)
+    )
+    Listener("backend", "text-port", config["text-port"], LOCAL, backend).setServiceParent(top)
     if config["http-port"] != "off":
         # /ws on the HTTP port shares the --ws-port factory; no port starts it
         # for the resource, so a service does.
         FactoryService(ws_factory).setServiceParent(top)
         site = make_site(node, config["api-key"], config["max-body"], ws_factory, throttle)
-        listen(top, config["http-port"], "127.0.0.1", site)
+        Listener("HTTP", "http-port", config["http-port"], LOCAL, site).setServiceParent(top)
     log_policy(config)
     return top
-
-
-def listen(top: service.MultiService, port: str, interface: str | None, factory: object) -> None:
-    strports.service(endpoint(port, interface), factory).setServiceParent(top)
 
 
 def make_node(config: Options) -> Node:

@@ -53,8 +53,9 @@ log = Logger()
 def parse_hello(text: str) -> tuple[str, dict[str, Position] | None]:
     """The credential and history positions of a first frame.
 
-    A JSON object with a ``uid`` or ``token`` key is a hello; any other text
-    is the credential itself, as in the Workerman recipe.
+    A JSON object with a ``uid`` or ``token`` key is a hello: its positions
+    (``{}`` without ``since``) say the client wants envelopes.  Any other text
+    is the credential itself, as in the Workerman recipe: None, plain texts.
     """
     try:
         hello = orjson.loads(text)
@@ -67,7 +68,7 @@ def parse_hello(text: str) -> tuple[str, dict[str, Position] | None]:
         raise AuthError(CLOSE_BAD_REQUEST, "uid and token must be strings")
     since = hello.get("since")
     if since is None:
-        return credential, None
+        return credential, {}
     if not isinstance(since, dict):
         raise AuthError(CLOSE_BAD_REQUEST, "since must be an object")
     return credential, {channel: _position(pos) for channel, pos in since.items()}
@@ -90,8 +91,9 @@ class PushServerProtocol(WebSocketServerProtocol):
     """One browser connection; the hub's ``Connection``."""
 
     uid: str | None = None
-    # Stored pushes arrive as envelopes with their positions.
-    envelopes = True
+    # Stored pushes arrive as envelopes with their positions only for clients
+    # that said hello in JSON; the seed's bare uid or token gets plain texts.
+    envelopes = False
     _query_token: str | None = None
     _ip: str | None = None  # counted in the factory's per-IP table while set
     _bucket: TokenBucket | None = None
@@ -150,8 +152,9 @@ class PushServerProtocol(WebSocketServerProtocol):
             self.sendClose(CLOSE_TOO_MANY_CONNECTIONS, "too many connections")
             return
         self.uid = identity.uid
+        self.envelopes = since is not None
         node.identify(self, identity.uid, identity.groups)
-        if since is not None:
+        if since:
             node.recover(self, identity.uid, identity.groups, since)
 
     def _refuse(self, error: AuthError) -> None:

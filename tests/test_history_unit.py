@@ -82,7 +82,7 @@ def test_sweep_keeps_streams_that_are_in_use(clock) -> None:
 def test_hello_parsing() -> None:
     assert parse_hello("uid1") == ("uid1", None)
     assert parse_hello('{"other":1}') == ('{"other":1}', None)  # not a hello: a uid, as before
-    assert parse_hello('{"uid":"u1"}') == ("u1", None)
+    assert parse_hello('{"uid":"u1"}') == ("u1", {})  # a hello: envelopes, no replay
     assert parse_hello('{"token":"t","since":{"u:u1":[3,"ep"],"g:r":[0,null]}}') == (
         "t",
         {"u:u1": (3, "ep"), "g:r": (0, None)},

@@ -141,9 +141,8 @@
       };
     }
 
-    /* The first frame: the bare credential, or a hello with the positions to resume from. */
+    /* The first frame: a hello with the positions to resume from (asks for envelopes too). */
     _hello(credential) {
-      if (Object.keys(this.positions).length === 0) return credential;
       const key = this.uid !== undefined && !this.getToken ? 'uid' : 'token';
       return JSON.stringify({[key]: credential, since: this.positions});
     }

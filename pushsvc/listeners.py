@@ -1,0 +1,142 @@
+"""Where pushsvc listens: endpoint descriptions, checked before start-up and named in the log.
+
+A bad ``--ws-port`` value or a port already in use is the most common
+start-up mistake; each gets one line that names the option, the value and
+(for a busy port) the process holding it, instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints, reactor
+from twisted.internet.error import CannotListenError
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.python import usage
+
+log = Logger()
+
+LISTEN_BACKLOG = 1024  # Twisted's default of 50 drops SYNs in a reconnect storm
+
+
+def endpoint(value: str, interface: str | None = None) -> str:
+    """A bare port number becomes a TCP endpoint description; other descriptions are kept.
+
+    TCP and TLS listeners get a backlog of LISTEN_BACKLOG unless they name
+    their own: Twisted's default of 50 loses SYNs when a thousand browsers
+    reconnect at once (docs/performance.md measured it).
+    """
+    if value.isdigit():
+        desc = f"tcp:{value}:backlog={LISTEN_BACKLOG}"
+        if interface:
+            desc += f":interface={interface}"
+        return desc
+    kind = value.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl") and "backlog=" not in value:
+        return f"{value}:backlog={LISTEN_BACKLOG}"
+    return value
+
+
+class _Recorder:
+    """A reactor stand-in that records what an endpoint would listen on, and listens on nothing."""
+
+    def __init__(self) -> None:
+        self.port: int | None = None
+
+    def listenTCP(self, port: int, *args: Any, **kw: Any) -> None:
+        self.port = port
+
+    listenSSL = listenTCP
+
+    def listenUNIX(self, *args: Any, **kw: Any) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+
+def check_endpoint(option: str, value: str, interface: str | None = None) -> None:
+    """Raise a UsageError naming ``--option`` and ``value`` unless it describes a listener."""
+    recorder = _Recorder()
+    failure: list[BaseException] = []
+    try:
+        d = endpoints.serverFromString(recorder, endpoint(value, interface)).listen(Factory())
+        d.addErrback(lambda f: failure.append(f.value))
+    except Exception as e:
+        failure.append(e)
+    if not failure and recorder.port is not None and not 0 <= recorder.port <= 65535:
+        failure.append(ValueError(f"port {recorder.port} is not from 0 to 65535"))
+    if failure:
+        reason = str(failure[0]) or type(failure[0]).__name__
+        raise usage.UsageError(f"--{option} {value!r}: {reason}")
+
+
+class Listener(StreamServerEndpointService):
+    """A listening port with a role: logged by role and address, and a busy port said plainly."""
+
+    def __init__(self, role: str, option: str, value: str, interface: str | None, factory: Any):
+        super().__init__(endpoints.serverFromString(reactor, endpoint(value, interface)), factory)
+        self._raiseSynchronously = True
+        self.role = role
+        self.option = option
+        self.value = value
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            holder = who_holds(e.port) if isinstance(e.port, int) else None
+            held = f" (held by {holder})" if holder else ""
+            raise SystemExit(
+                f"twistd push: --{self.option} {self.value!r}: cannot listen on "
+                f"{e.interface or '*'}:{e.port}: {e.socketError}{held}"
+            ) from None
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        host = port.getHost()
+        where = f"{host.host}:{host.port}" if hasattr(host, "port") else str(host.name)
+        log.info("{role} on {where}", role=self.role, where=where)
+        return port
+
+
+def who_holds(port: int) -> str | None:
+    """``pid N (command)`` of a process listening on TCP ``port``, if /proc can tell."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    for pid in filter(str.isdigit, _listdir("/proc")):
+        for fd in _listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return f"pid {pid} ({_command(pid)})"
+            except OSError:
+                continue
+    return None
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
+def _command(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    return " ".join(" ".join(w.decode(errors="replace").split()) for w in words if w)[:120]
