@@ -1,11 +1,11 @@
-"""docs/deploy.md's nginx block, run as written.
+"""docs/deploy.md's nginx block and contrib/systemd/pushsvc.service, run as written.
 
 The nginx block is extracted from docs/deploy.md and served by a real nginx
 (Debian's /usr/sbin/nginx, in the foreground with its own prefix) in front of
-a real ``twistd push``.  Only paths, ports and (where a test says so) a
-timeout are substituted, and a substitution whose target the document no
-longer contains fails the test, so the document cannot drift away from what
-works.
+a real ``twistd push``; the unit's ExecStart runs as the unit spells it.  Only
+paths, ports and (where a test says so) a timeout are substituted, and a
+substitution whose target the document no longer contains fails the test, so
+the documents cannot drift away from what works.
 
 Without nginx the nginx tests are skipped, except in CI (``CI`` set), where a
 missing nginx is a failure (.ci/run installs it).
@@ -13,12 +13,17 @@ missing nginx is a failure (.ci/run installs it).
 
 from __future__ import annotations
 
+import base64
 import os
+import pwd
 import re
+import shlex
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,11 +31,13 @@ from pathlib import Path
 
 import pytest
 from certificate import self_signed
-from conftest import ROOT, PushServer, free_port
+from conftest import ROOT, STARTING, TWISTD, Backend, PushServer, child_env, free_port
+from test_auth import closed_with, token
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 DEPLOY = ROOT / "docs" / "deploy.md"
+UNIT = ROOT / "contrib" / "systemd" / "pushsvc.service"
 NGINX = "/usr/sbin/nginx"
 SEED_PUSH = b'{"uid":"uid1","percent":"88%"}\n'
 
@@ -41,6 +48,15 @@ def require_nginx() -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{NGINX} is not installed (.ci/run installs it)")
         pytest.skip(f"{NGINX} is missing: apt-get install nginx")
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.02)
 
 
 def substitute(text: str, old: str, new: str, source: Path) -> str:
@@ -332,3 +348,179 @@ def test_without_pings_nginx_cuts_an_idle_connection(start_server, nginx_in_fron
         ws.recv(timeout=SHORT_READ_TIMEOUT + 8)
     assert time.monotonic() - started > SHORT_READ_TIMEOUT - 0.5
     server.wait_for(lambda s: s["connections"] == 0)
+
+
+# --- systemd -----------------------------------------------------------------
+
+
+def unit_settings(path: Path, section: str = "Service") -> dict[str, str]:
+    """One section of a unit file, with continuation lines joined the way systemd joins them."""
+    settings: dict[str, str] = {}
+    current, pending = None, ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue  # comments end no continuation, as in systemd
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1]
+        elif current == section:
+            key, value = line.split("=", 1)
+            settings[key.strip()] = value.strip()
+    return settings
+
+
+# The unit's endpoints: tcp:<port>:interface=<address> after a --*-port option.
+UNIT_PORT = re.compile(r"(--(?:ws|text|http)-port)[ =]tcp:(\d+):interface=([0-9.]+)")
+FACTORY = {
+    "--ws-port": "PushServerFactory",
+    "--text-port": "BackendFactory",
+    "--http-port": "PushSite",
+}
+
+
+@dataclass
+class UnitRun:
+    """The unit's ExecStart, running with the test's paths and ports."""
+
+    proc: subprocess.Popen
+    log: Path
+    ports: dict[str, tuple[str, int]]  # option -> (interface, port)
+    secret: str
+
+    def listening(self) -> dict[str, int]:
+        found = dict((n.decode(), int(p)) for n, p in STARTING.findall(self.log.read_bytes()))
+        return {option: found[name] for option, name in FACTORY.items() if name in found}
+
+
+def run_unit(base: Path, user: pwd.struct_passwd | None = None) -> UnitRun:
+    """Start ExecStart as the unit writes it, with the test's binary, files and ports.
+
+    The directories get the modes docs/deploy.md gives them; with ``user``
+    (the unit's ``User=``), the secret is readable through its group only.
+    """
+    settings = unit_settings(UNIT)
+    line = settings["ExecStart"]
+    assert not set("%$") & set(line), f"ExecStart uses specifiers or variables: {line}"
+    declared = {option: (iface, int(port)) for option, port, iface in UNIT_PORT.findall(line)}
+    for option in FACTORY:
+        assert option in declared, (
+            f"the unit leaves {option} at its default port (on which interface?); "
+            "give it as tcp:<port>:interface=<address> so that the test can move it"
+        )
+    etc, state = base / "etc", base / "state"
+    etc.mkdir(mode=0o750)
+    state.mkdir()
+    secret = base64.b64encode(os.urandom(32)).decode()
+    (etc / "secret").write_text(secret + "\n")
+    os.chmod(etc / "secret", 0o640)
+    if user is not None:
+        os.chown(etc, 0, user.pw_gid)
+        os.chown(etc / "secret", 0, user.pw_gid)
+        os.chown(state, user.pw_uid, user.pw_gid)  # what StateDirectory= does
+    ports = {option: (iface, free_port()) for option, (iface, _) in declared.items()}
+    line = substitute(line, "/opt/pushsvc/venv/bin/twistd", shlex.quote(TWISTD), UNIT)
+    line = substitute(line, "/etc/pushsvc/secret", shlex.quote(str(etc / "secret")), UNIT)
+    for option, (_, port) in declared.items():
+        line = substitute(line, f"tcp:{port}:", f"tcp:{ports[option][1]}:", UNIT)
+    assert settings["WorkingDirectory"] == "/var/lib/pushsvc", settings["WorkingDirectory"]
+    argv = shlex.split(line)
+    if user is not None:
+        argv = [
+            "setpriv",
+            f"--reuid={user.pw_uid}",
+            f"--regid={user.pw_gid}",
+            "--clear-groups",
+            *argv,
+        ]
+    log = base / "journal.log"  # --logfile=- writes to stdout, which systemd sends to the journal
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, cwd=state, env=child_env(), stdout=out, stderr=subprocess.STDOUT
+        )
+    return UnitRun(proc, log, ports, secret)
+
+
+def success_statuses(settings: dict[str, str]) -> set[int]:
+    """SuccessExitStatus= as Popen return codes: a signal's death is its negated number."""
+    statuses = set()
+    for item in settings["SuccessExitStatus"].split():
+        statuses.add(-signal.Signals[item] if item.startswith("SIG") else int(item))
+    return statuses
+
+
+def check_unit_run(run: UnitRun) -> None:
+    """It listens where the unit says, serves with the secret file, stops as it declares."""
+    settings = unit_settings(UNIT)
+    try:
+        wait_until(lambda: len(run.listening()) == 3 or run.proc.poll() is not None, "listening")
+        assert run.proc.poll() is None, run.log.read_text()
+        assert run.listening() == {option: port for option, (_, port) in run.ports.items()}
+        for iface, port in run.ports.values():
+            socket.create_connection((iface, port), timeout=5).close()
+            if iface == "127.0.0.1":  # bound to that address, not to every interface
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(("127.0.0.2", port), timeout=5)
+        # Production mode: a token signed with the secret file's content is accepted.
+        ws_port, text_port = run.ports["--ws-port"][1], run.ports["--text-port"][1]
+        ws = connect(f"ws://127.0.0.1:{ws_port}/", open_timeout=5)
+        ws.send(token("unit-user", secret=run.secret))
+        with Backend(text_port) as b:
+            wait_until(lambda: b.json('{"cmd":"stats"}')["connections"] == 1, "authenticated")
+            assert b.request('{"uid":"unit-user","data":"from the unit"}') == b"ok"
+        assert ws.recv(timeout=5) == "from the unit"
+        run.proc.send_signal(signal.Signals[settings["KillSignal"]])
+        assert closed_with(ws) == (1001, "server shutting down")
+        status = run.proc.wait(float(settings["TimeoutStopSec"]))
+        assert status in success_statuses(settings), (status, run.log.read_text())
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+
+
+def test_unit_command_line_runs_as_written(tmp_path: Path) -> None:
+    check_unit_run(run_unit(tmp_path))
+
+
+def unprivileged_user() -> pwd.struct_passwd:
+    """``nobody``, when the test can switch to it and it can run the test's twistd."""
+    if os.geteuid() != 0:
+        pytest.skip("switching to an unprivileged user needs root")
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv (util-linux) is missing")
+    user = pwd.getpwnam("nobody")
+    probe = subprocess.run(
+        ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
+        + [TWISTD, "--version"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        cwd="/",
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"nobody cannot run {TWISTD} here: {probe.stderr.strip()[-200:]}")
+    return user
+
+
+def test_unit_command_line_runs_as_an_unprivileged_user() -> None:
+    """As the unit's User=: the secret readable through its group only, as deploy.md sets it."""
+    user = unprivileged_user()
+    with tempfile.TemporaryDirectory(prefix="pushsvc-unit-") as base:
+        os.chmod(base, 0o755)  # pytest's tmp_path is private to root
+        check_unit_run(run_unit(Path(base), user))
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is missing")
+def test_systemd_analyze_verify_passes(tmp_path: Path) -> None:
+    """``systemd-analyze verify`` on the unit, its ExecStart pointed at the test's twistd."""
+    unit = tmp_path / UNIT.name
+    unit.write_text(substitute(UNIT.read_text(), "/opt/pushsvc/venv/bin/twistd", TWISTD, UNIT))
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
