@@ -27,6 +27,13 @@ STARTING = re.compile(
 )
 
 
+def free_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound, then released), for servers given a number."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a twistd child: this checkout's code, and no inherited secret.
 

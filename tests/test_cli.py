@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import uuid
 
 import pytest
-from conftest import PushServer, child_env
+from conftest import PushServer, child_env, free_port
 
 
 def uid() -> str:
@@ -122,9 +121,7 @@ def test_address_from_the_environment(server: PushServer) -> None:
 
 
 def test_unreachable_service() -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
+    free = free_port()
     proc = pushsvc("--port", str(free), "push", "u", "x")
     assert proc.returncode == 2 and proc.stdout == ""
     assert f"cannot reach pushsvc at 127.0.0.1:{free}" in proc.stderr

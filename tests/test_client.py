@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import PushServer, child_env
+from conftest import PushServer, child_env, free_port
 
 from pushsvc.client import (
     Client,
@@ -27,13 +27,6 @@ from pushsvc.client import (
 
 def uid() -> str:
     return "c-" + uuid.uuid4().hex[:12]
-
-
-def free_port() -> int:
-    """A port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
