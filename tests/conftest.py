@@ -1,7 +1,7 @@
 """Real processes and real sockets: a ``twistd push`` per server fixture.
 
 Servers listen on ephemeral ports (``tcp:0``); the ports are read back from
-Twisted's own "<Factory> starting on <port>" log lines.
+the "WebSocket on <host>:<port>" lines pushsvc logs for each listener.
 """
 
 from __future__ import annotations
@@ -22,9 +22,7 @@ from websockets.sync.client import ClientConnection, connect
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = shutil.which("twistd") or str(Path(sys.executable).with_name("twistd"))
-STARTING = re.compile(
-    rb"(PushServerFactory|BackendFactory|PushSite)(?: \(TLS\))? starting on (\d+)"
-)
+STARTING = re.compile(rb"\] (WebSocket|backend|HTTP) on [^ ]*:(\d+)$", re.MULTILINE)
 
 
 def free_port() -> int:
@@ -67,9 +65,9 @@ class PushServer:
         self.args = args
         self.proc = subprocess.Popen(cmd, cwd=workdir, env=child_env(env))
         ports = self._wait_for_ports()
-        self.ws_port = ports["PushServerFactory"]
-        self.text_port = ports["BackendFactory"]
-        self.http_port = ports.get("PushSite")
+        self.ws_port = ports["WebSocket"]
+        self.text_port = ports["backend"]
+        self.http_port = ports.get("HTTP")
 
     def _wait_for_ports(self, timeout: float = 20.0) -> dict[str, int]:
         deadline = time.monotonic() + timeout

@@ -376,9 +376,9 @@ def unit_settings(path: Path, section: str = "Service") -> dict[str, str]:
 # The unit's endpoints: tcp:<port>:interface=<address> after a --*-port option.
 UNIT_PORT = re.compile(r"(--(?:ws|text|http)-port)[ =]tcp:(\d+):interface=([0-9.]+)")
 FACTORY = {
-    "--ws-port": "PushServerFactory",
-    "--text-port": "BackendFactory",
-    "--http-port": "PushSite",
+    "--ws-port": "WebSocket",
+    "--text-port": "backend",
+    "--http-port": "HTTP",
 }
 
 

@@ -70,7 +70,7 @@ def test_daemon_mode_writes_pid_and_log(tmp_path: Path) -> None:
         time.sleep(0.05)
     pid = int(pidfile.read_text())
     try:
-        while b"BackendFactory starting on" not in (tmp_path / "push.log").read_bytes():
+        while b"] backend on " not in (tmp_path / "push.log").read_bytes():
             assert time.monotonic() < deadline, "daemon did not start listening"
             time.sleep(0.05)
     finally:

@@ -228,10 +228,11 @@ class RedisBroker:
         if data["o"] == self.node:
             return
         kind = data["k"]
-        if kind in ("join", "leave"):
+        if kind in ("join", "leave"):  # applied however late: memberships must converge
             handler.membership(kind, data["uids"], data["groups"])
-            return
-        count = 0 if self._stale(data["t"]) else handler.act(kind, data)
+            count = 0
+        else:
+            count = 0 if self._stale(data["t"]) else handler.act(kind, data)
         reply = orjson.dumps({"i": data["i"], "n": count})
         self.home.call("PUBLISH", REPLY + data["o"], reply).addErrback(lambda _: None)
 
@@ -254,12 +255,16 @@ class RedisBroker:
     # -- groups -------------------------------------------------------------------
 
     def membership(self, kind: str, uids: list[str], groups: list[str]) -> defer.Deferred[None]:
-        """Store a join/leave in Redis and tell every node."""
+        """Store a join/leave in Redis, then tell every node and wait for their acks.
+
+        Answered once every node has applied it (or after --redis-timeout), so a
+        backend that joins through one node and pushes to the group through
+        another reaches the new member.
+        """
         command = "SADD" if kind == "join" else "SREM"
         calls = [self.home.call(command, GROUP + group, *uids) for group in groups]
-        note = {"k": kind, "o": self.node, "i": 0, "uids": uids, "groups": groups}
-        calls.append(self.home.call("PUBLISH", ALL, orjson.dumps(note)))
         d = defer.gatherResults(calls, consumeErrors=True)
+        d.addCallback(lambda _: self.fan_out(kind, {"uids": uids, "groups": groups}))
         return d.addCallbacks(lambda _: None, unreachable)
 
     @defer.inlineCallbacks
