@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import uuid
 
-import pytest
 from conftest import PushServer
 
 
@@ -111,13 +110,20 @@ def test_broadcast_with_nobody_connected_fails(start_server) -> None:
         assert b.request('{"cmd":"broadcast","data":"x"}') == b"fail"
 
 
-def test_unauthenticated_connection_gets_nothing(server: PushServer, ws_clients) -> None:
+def test_unauthenticated_connection_gets_nothing(start_server, ws_clients) -> None:
+    server = start_server()
     ws = server.ws()  # connected, but never says who it is
     ws_clients.append(ws)
+    server.wait_for(lambda s: s["pending"] == 1)
     with server.backend() as b:
-        assert b.request('{"cmd":"broadcast","data":"x"}') in (b"ok", b"fail")
-    with pytest.raises(TimeoutError):
-        ws.recv(timeout=0.3)
+        assert b.request('{"cmd":"broadcast","data":"x"}') == b"fail"  # reached nobody
+    # Once it has identified itself, a marker broadcast is its first frame:
+    # the broadcast before it was not sent to it.
+    ws.send("late")
+    server.wait_for(lambda s: s["pending"] == 0 and s["connections"] == 1)
+    with server.backend() as b:
+        assert b.request('{"cmd":"broadcast","data":"marker"}') == b"ok"
+    assert ws.recv(timeout=5) == "marker"
 
 
 def test_frames_after_auth_are_ignored(server: PushServer, ws_clients) -> None:
@@ -164,12 +170,14 @@ def test_crlf_line_endings_are_accepted(server: PushServer) -> None:
         assert b.line() == b"fail\n"
 
 
-def test_stats_and_online(server: PushServer, ws_clients) -> None:
+def test_stats_and_online(start_server, ws_clients) -> None:
+    server = start_server()  # its own server: the counts are exact
     user = uid()
-    ws_clients.append(server.ws(user))
-    server.wait_for(lambda s: s["pending"] == 0)
+    ws_clients.extend([server.ws(user), server.ws(user), server.ws()])
+    server.wait_for(lambda s: s["pending"] == 1 and s["connections"] == 2)
     with server.backend() as b:
         reply = b.json(json.dumps({"cmd": "online", "uid": [user, "nobody"]}))
         assert reply == {"ok": True, "online": {user: True, "nobody": False}}
         stats = b.json('{"cmd":"stats"}')
-    assert stats["uids"] >= 1 and stats["connections"] >= 1
+    # Two tabs of one uid, and one connection that has not said who it is.
+    assert (stats["uids"], stats["connections"], stats["pending"]) == (1, 2, 1)
