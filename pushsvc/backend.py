@@ -188,7 +188,7 @@ class BackendFactory(Factory):
     """Creates backend connections bound to the shared registry."""
 
     def __init__(
-        self, registry: Registry, max_line: int = 65536, gate: BackendGate | None = None
+        self, registry: Registry, max_line: int = 1 << 20, gate: BackendGate | None = None
     ) -> None:
         self.registry = registry
         self.max_line = max_line

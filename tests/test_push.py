@@ -181,3 +181,28 @@ def test_stats_and_online(start_server, ws_clients) -> None:
         stats = b.json('{"cmd":"stats"}')
     # Two tabs of one uid, and one connection that has not said who it is.
     assert (stats["uids"], stats["connections"], stats["pending"]) == (1, 2, 1)
+
+
+MIB = 1 << 20
+
+
+def seed_line(user: str, size: int) -> bytes:
+    """The seed's request line (no id: a bare ok/fail reply), ``size`` bytes without newline."""
+    empty = json.dumps({"uid": user, "percent": ""}).encode()
+    return json.dumps({"uid": user, "percent": "p" * (size - len(empty))}).encode()
+
+
+def test_a_one_mib_push_with_default_options(server: PushServer, ws_clients) -> None:
+    """The default --max-line is 1 MiB: a document-sized push is delivered whole."""
+    user = uid()
+    ws = server.ws(user, max_size=2 * MIB)
+    ws_clients.append(ws)
+    server.wait_for(lambda s: s["pending"] == 0)
+    line = seed_line(user, MIB)
+    assert len(line) == MIB
+    with server.backend() as b:
+        assert b.request(line) == b"ok"
+        assert b.request(seed_line(user, MIB + 1)) == b"error line longer than 1048576 bytes"
+        assert b.request(json.dumps({"uid": user, "data": "after"})) == b"ok"
+    assert ws.recv(timeout=10) == json.loads(line)["percent"]
+    assert ws.recv(timeout=5) == "after"  # the over-long line reached nobody
