@@ -9,7 +9,6 @@ instead of one per attempt.
 
 from __future__ import annotations
 
-import hmac
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -18,6 +17,7 @@ import orjson
 from twisted.internet import reactor
 from twisted.logger import Logger
 
+from pushsvc.auth import Secrets
 from pushsvc.commands import request_id
 
 BACKEND_SECRET_ENV = "PUSHSVC_BACKEND_SECRET"
@@ -221,7 +221,7 @@ class BackendGate:
     staying, and a backend missing its auth line fails loudly.
     """
 
-    def __init__(self, secret: bytes | None, throttle: FailureThrottle | None = None) -> None:
+    def __init__(self, secret: Secrets | None, throttle: FailureThrottle | None = None) -> None:
         self.secret = secret
         self.throttle = throttle
 
@@ -270,7 +270,7 @@ class BackendGate:
             return True
         if not isinstance(secret, str):
             return False
-        return hmac.compare_digest(secret.encode("utf-8"), self.secret)
+        return self.secret.matches(secret.encode("utf-8"))
 
 
 def auth_again(gate: BackendGate | None, request: dict) -> bytes:

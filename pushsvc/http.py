@@ -7,7 +7,6 @@ port binds 127.0.0.1 by default; an API key protects it when configured.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 import orjson
@@ -19,6 +18,7 @@ from twisted.web import resource, server
 
 from pushsvc import browser, commands
 from pushsvc.access import FailureThrottle
+from pushsvc.auth import Secrets
 from pushsvc.metrics import MetricsCollector
 from pushsvc.registry import Registry
 from pushsvc.websocket import PushServerFactory
@@ -70,7 +70,7 @@ class ApiResource(resource.Resource):
     isLeaf = True
 
     def __init__(
-        self, registry: Registry, api_key: bytes | None, throttle: FailureThrottle | None = None
+        self, registry: Registry, api_key: Secrets | None, throttle: FailureThrottle | None = None
     ) -> None:
         super().__init__()
         self.registry = registry
@@ -85,7 +85,7 @@ class ApiResource(resource.Resource):
             given = given[7:].strip()
         else:
             given = request.getHeader(b"x-api-key") or b""
-        return hmac.compare_digest(given, self.api_key)
+        return self.api_key.matches(given)
 
     def _blocked(self, request: server.Request) -> bytes | None:
         """429 for an IP with too many failed API keys; counts this request if its key is bad."""
@@ -211,7 +211,7 @@ class PushSite(server.Site):
 
 def make_site(
     registry: Registry,
-    api_key: bytes | None,
+    api_key: Secrets | None,
     max_body: int = 65536,
     ws_factory: PushServerFactory | None = None,
     throttle: FailureThrottle | None = None,

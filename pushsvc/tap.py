@@ -14,7 +14,7 @@ from twisted.python import usage
 from txaio.interfaces import log_levels
 
 from pushsvc.access import BACKEND_SECRET_ENV, BackendGate, FailureThrottle, OriginPolicy
-from pushsvc.auth import API_KEY_ENV, SECRET_ENV, load_secret, make_authenticator
+from pushsvc.auth import API_KEY_ENV, MIN_KEY_BYTES, SECRET_ENV, load_secret, make_authenticator
 from pushsvc.backend import BackendFactory
 from pushsvc.browser import FactoryService
 from pushsvc.fastpath import quiet_autobahn_debug
@@ -134,7 +134,9 @@ def check_limit_options(config: usage.Options) -> None:
     except ValueError as e:
         raise usage.UsageError(f"--allowed-origins: {e}") from None
     try:
-        config["backend-secret"] = load_secret(config["backend-secret-file"], BACKEND_SECRET_ENV)
+        config["backend-secret"] = load_secret(
+            config["backend-secret-file"], BACKEND_SECRET_ENV, option="--backend-secret-file"
+        )
     except (OSError, ValueError) as e:
         raise usage.UsageError(f"cannot read the backend secret: {e}") from None
 
@@ -240,8 +242,10 @@ class Options(usage.Options):
         if self["log-level"] not in log_levels:
             raise usage.UsageError(f"--log-level must be one of {', '.join(log_levels)}")
         try:
-            self["secret"] = load_secret(self["secret-file"], SECRET_ENV)
-            self["api-key"] = load_secret(self["api-key-file"], API_KEY_ENV)
+            self["secret"] = load_secret(self["secret-file"], SECRET_ENV, min_bytes=MIN_KEY_BYTES)
+            self["api-key"] = load_secret(
+                self["api-key-file"], API_KEY_ENV, option="--api-key-file"
+            )
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"cannot read a secret: {e}") from None
         check_limit_options(self)
@@ -276,7 +280,10 @@ def makeService(config: Options) -> service.MultiService:
 
     authenticator = make_authenticator(config["secret"])
     if authenticator.signed:
-        log.info("WebSocket clients must present an HS256 token signed with the secret")
+        log.info(
+            "WebSocket clients must present an HS256 token signed with {keys}",
+            keys=config["secret"].describe(),
+        )
     else:
         log.warn(
             "WebSocket connections are UNAUTHENTICATED: the first frame is taken as the uid. "
