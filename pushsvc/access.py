@@ -17,6 +17,7 @@ import orjson
 from twisted.internet import reactor
 from twisted.logger import Logger
 
+from pushsvc import jsoncodec
 from pushsvc.auth import Secrets
 from pushsvc.commands import request_id
 
@@ -205,7 +206,7 @@ def _reply(ok: bool, rid: Any, error: str = "") -> bytes:
         body: dict[str, Any] = {"id": rid, "ok": ok}
         if not ok:
             body["error"] = error
-        return orjson.dumps(body) + b"\n"
+        return jsoncodec.dumps(body) + b"\n"
     return b"ok\n" if ok else b"error " + error.encode() + b"\n"
 
 
@@ -240,7 +241,7 @@ class BackendGate:
 
     def _first_line(self, proto: Any, ip: str, line: bytes) -> bytes:
         try:
-            request = orjson.loads(line.rstrip(b"\r"))
+            request = jsoncodec.loads(line.rstrip(b"\r"))
         except orjson.JSONDecodeError:
             request = None
         rid = request_id(request)

@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
-from pushsvc import commands
+from pushsvc import commands, jsoncodec
 from pushsvc.access import BackendGate, auth_again, is_auth_request
 from pushsvc.fastpath import write_now
 from pushsvc.registry import Registry
@@ -31,13 +31,13 @@ QUEUED = b"queued\n"  # a push with a ttl that nobody got now, stored for later
 def error_line(reason: str, rid: Any = None) -> bytes:
     """An error reply: ``error <reason>``, or a JSON object when the request had an id."""
     if rid is not None:
-        return orjson.dumps({"id": rid, "ok": False, "error": reason}) + b"\n"
+        return jsoncodec.dumps({"id": rid, "ok": False, "error": reason}) + b"\n"
     return b"error " + reason.replace("\n", " ").encode("utf-8", "replace") + b"\n"
 
 
 def result_line(cmd: commands.Command, result: dict, rid: Any) -> bytes:
     if rid is not None:
-        return orjson.dumps({"id": rid, **result}) + b"\n"
+        return jsoncodec.dumps({"id": rid, **result}) + b"\n"
     if cmd.delivery:
         if not result["ok"]:
             return FAIL
@@ -115,7 +115,7 @@ class BackendProtocol(LineReceiver):
         if not line.strip():
             return error_line("empty line")
         try:
-            request = orjson.loads(line)
+            request = jsoncodec.loads(line)
         except orjson.JSONDecodeError as e:
             return error_line(decode_error(line, e))
         rid = commands.request_id(request)

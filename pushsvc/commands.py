@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any
 
-import orjson
 from twisted.internet.defer import Deferred
 
+from pushsvc import jsoncodec
 from pushsvc.history import MAX_TTL
 from pushsvc.registry import NOBODY, Registry, page
 
@@ -147,7 +147,7 @@ def payload(request: dict) -> bytes:
         raise RequestError("missing data")
     if isinstance(value, str):
         return value.encode("utf-8")
-    return orjson.dumps(value)
+    return jsoncodec.dumps(value)  # exact for integers beyond 64 bits
 
 
 def ttl(registry: Registry, request: dict) -> int:

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
-from pushsvc import browser, commands
+from pushsvc import browser, commands, jsoncodec
 from pushsvc.access import FailureThrottle
 from pushsvc.auth import Secrets
 from pushsvc.metrics import MetricsCollector
@@ -61,7 +61,7 @@ def reply(request: server.Request, status: int, body: dict[str, Any]) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", JSON)
     request.setHeader(b"cache-control", b"no-store")
-    return orjson.dumps(body) + b"\n"
+    return jsoncodec.dumps(body) + b"\n"
 
 
 class ApiResource(resource.Resource):
@@ -126,7 +126,7 @@ class ApiResource(resource.Resource):
             return reply(request, 404, {"ok": False, "error": "unknown command"})
         body = request.content.read()
         try:
-            payload = orjson.loads(body) if body.strip() else {}
+            payload = jsoncodec.loads(body) if body.strip() else {}
         except orjson.JSONDecodeError as e:
             return reply(request, 400, {"ok": False, "error": f"invalid JSON: {e}"})
         rid = commands.request_id(payload)

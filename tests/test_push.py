@@ -6,6 +6,7 @@ import json
 import uuid
 
 from conftest import PushServer
+from test_commands import http_post
 
 
 def uid() -> str:
@@ -206,3 +207,30 @@ def test_a_one_mib_push_with_default_options(server: PushServer, ws_clients) -> 
         assert b.request(json.dumps({"uid": user, "data": "after"})) == b"ok"
     assert ws.recv(timeout=10) == json.loads(line)["percent"]
     assert ws.recv(timeout=5) == "after"  # the over-long line reached nobody
+
+
+def test_integers_of_any_size_arrive_exactly(server: PushServer, ws_clients) -> None:
+    """Beyond 64 bits orjson would make them floats (2**64 as 1.8446744073709552e+19)."""
+    user = uid()
+    ws = server.ws(user)
+    ws_clients.append(ws)
+    server.wait_for(lambda s: s["pending"] == 0)
+    forty = "1234567890" * 4
+    texts = [
+        str(2**64),
+        str(-(2**70)),
+        '{"n":{"deep":[' + forty + ",-" + forty + ']},"small":7,"x":1.5}',
+        "[18446744073709551615,-9223372036854775808]",  # the edges orjson holds itself
+    ]
+    with server.backend() as b:
+        for text in texts:
+            assert b.request(f'{{"uid":"{user}","data":{text}}}') == b"ok"
+        # An id beyond 64 bits is echoed exactly too.
+        big_id = str(2**80)
+        reply = b.request(f'{{"id":{big_id},"uid":"{user}","data":{big_id}}}')
+        assert reply == b'{"id":' + big_id.encode() + b',"ok":true,"delivered":1}'
+    # Through the HTTP API as well.
+    body = f'{{"uid":"{user}","data":{{"v":-{forty}}}}}'.encode()
+    assert http_post(server, "/api/push", body)[:2] == (200, b'{"ok":true,"delivered":1}\n')
+    received = [ws.recv(timeout=5) for _ in range(len(texts) + 2)]
+    assert received == [*texts, big_id, f'{{"v":-{forty}}}']
