@@ -8,7 +8,6 @@ backend secret, a connection's first line must authenticate it.
 
 from __future__ import annotations
 
-import hmac
 from collections import deque
 from typing import Any
 
@@ -19,7 +18,8 @@ from twisted.internet.interfaces import ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 
-from pushsvc import commands
+from pushsvc import commands, jsoncodec
+from pushsvc.auth import Secrets
 from pushsvc.compat import write_now
 from pushsvc.errors import UnknownCommand, describe
 from pushsvc.node import Node
@@ -35,17 +35,17 @@ QUEUED = b"queued\n"  # a push with a ttl that nobody got now, stored for later
 def error_line(reason: str, rid: Any = None) -> bytes:
     """An error reply: ``error <reason>``, or a JSON object when the request had an id."""
     if rid is not None:
-        return orjson.dumps({"id": rid, "ok": False, "error": reason}) + b"\n"
+        return jsoncodec.dumps({"id": rid, "ok": False, "error": reason}) + b"\n"
     return b"error " + reason.replace("\n", " ").encode("utf-8", "replace") + b"\n"
 
 
 def ok_line(rid: Any) -> bytes:
-    return orjson.dumps({"id": rid, "ok": True}) + b"\n" if rid is not None else OK
+    return jsoncodec.dumps({"id": rid, "ok": True}) + b"\n" if rid is not None else OK
 
 
 def result_line(cmd: commands.Command, result: dict, rid: Any) -> bytes:
     if rid is not None:
-        return orjson.dumps({"id": rid, **result}) + b"\n"
+        return jsoncodec.dumps({"id": rid, **result}) + b"\n"
     if cmd.delivery:
         if not result["ok"]:
             return FAIL
@@ -68,7 +68,7 @@ def is_auth_request(request: object) -> bool:
 class BackendGate:
     """The backend port's optional shared secret, and the throttle for wrong guesses."""
 
-    def __init__(self, secret: bytes | None, throttle: FailureThrottle | None = None) -> None:
+    def __init__(self, secret: Secrets | None, throttle: FailureThrottle | None = None) -> None:
         self.secret = secret
         self.throttle = throttle
 
@@ -79,7 +79,7 @@ class BackendGate:
         secret = request.get("secret")
         if not isinstance(secret, str):
             return False
-        return hmac.compare_digest(secret.encode("utf-8"), self.secret)
+        return self.secret.matches(secret.encode("utf-8"))
 
 
 class BackendProtocol(LineReceiver):
@@ -155,7 +155,7 @@ class BackendProtocol(LineReceiver):
         if not line.strip():
             return error_line("empty line")
         try:
-            request = orjson.loads(line)
+            request = jsoncodec.loads(line)
         except orjson.JSONDecodeError as e:
             return error_line(decode_error(line, e))
         rid = commands.request_id(request)
@@ -180,7 +180,7 @@ class BackendProtocol(LineReceiver):
         a backend missing its auth line fails loudly.
         """
         try:
-            request = orjson.loads(line)
+            request = jsoncodec.loads(line)
         except orjson.JSONDecodeError:
             request = None
         rid = commands.request_id(request)
@@ -244,7 +244,9 @@ class BackendProtocol(LineReceiver):
 class BackendFactory(Factory):
     """Creates backend connections bound to the node."""
 
-    def __init__(self, node: Node, max_line: int = 65536, gate: BackendGate | None = None) -> None:
+    def __init__(
+        self, node: Node, max_line: int = 1 << 20, gate: BackendGate | None = None
+    ) -> None:
         self.node = node
         self.max_line = max_line
         self.gate = gate

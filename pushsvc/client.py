@@ -62,6 +62,7 @@ Reply = dict[str, Any]
 
 _MISSING: Any = object()
 _RECV_SIZE = 65536
+_SHOWN = 60  # bytes of a bad reply quoted in ProtocolError
 
 
 # -- exceptions -----------------------------------------------------------------
@@ -122,8 +123,10 @@ class RequestRejected(PushError):
 class ProtocolError(PushError):
     """A reply that does not fit the protocol (not JSON, wrong ``id``).
 
-    Usually the address is not pushsvc's backend port (the WebSocket port, say).
-    The connection is closed, since replies can no longer be matched to requests.
+    Usually the address is not pushsvc's backend port (its HTTP port, say).
+    Raised as soon as the first bytes of a reply cannot start one, without
+    waiting for a newline that such a peer may never send.  The connection is
+    closed, since replies can no longer be matched to requests.
     """
 
 
@@ -207,6 +210,7 @@ class Client:
         self._sock: socket.socket | None = None
         self._pid = 0
         self._rbuf = bytearray()
+        self._heard = False
         self._ids = count(1)
         self._lock = threading.Lock()
         _clients.add(self)
@@ -261,6 +265,7 @@ class Client:
         sock.settimeout(self.timeout)
         self._sock, self._pid = sock, os.getpid()
         self._rbuf.clear()
+        self._heard = False  # no byte from the peer yet on this connection
 
     def _drop(self) -> None:
         sock, self._sock = self._sock, None
@@ -367,9 +372,17 @@ class Client:
                 if refused and self.retry_delay > 0:
                     time.sleep(self.retry_delay)
             except TimeoutError as e:
+                silent = not self._heard
                 self._drop()
+                hint = (
+                    " (nothing came back at all: is it pushsvc's backend port? "
+                    "Its WebSocket port, for one, answers nothing to a line)"
+                    if silent
+                    else ""
+                )
                 raise PushTimeout(
-                    f"pushsvc at {self.address} did not answer within {self.timeout} s", replies
+                    f"pushsvc at {self.address} did not answer within {self.timeout} s{hint}",
+                    replies,
                 ) from e
             except BaseException:
                 self._drop()  # ProtocolError, KeyboardInterrupt: out of sync
@@ -382,7 +395,21 @@ class Client:
         except TimeoutError:
             raise
         except OSError as e:  # EPIPE, ECONNRESET, ...
+            self._check_unread()  # a peer that answered and hung up: say what it said
             raise _Broken(str(e) or type(e).__name__) from e
+
+    def _check_unread(self) -> None:
+        """Raise ProtocolError if bytes that cannot start a reply are waiting to be read."""
+        assert self._sock is not None
+        try:
+            data = self._sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+        except OSError:
+            return
+        if data:
+            self._heard = True
+            self._rbuf += data
+            if not _may_start_reply(self._rbuf):
+                raise self._not_a_reply(bytes(self._rbuf))
 
     def _readline(self) -> bytes:
         buf = self._rbuf
@@ -403,7 +430,11 @@ class Client:
                 raise _Broken(str(e) or type(e).__name__) from e
             if not chunk:
                 raise _Broken("connection closed by pushsvc")
+            self._heard = True
             buf += chunk
+            if not _may_start_reply(buf):
+                # An HTTP server's 400 or a banner may never end in a newline.
+                raise self._not_a_reply(bytes(buf))
 
     def _read_reply(self, rid: int) -> Reply:
         line = self._readline()
@@ -418,16 +449,22 @@ class Client:
         except ValueError:
             reply = None
         if not isinstance(reply, dict):
-            shown = line[:80].decode("utf-8", "replace")
-            raise ProtocolError(
-                f"unexpected reply {shown!r} from {self.address} (is it pushsvc's backend port?)"
-            )
+            raise self._not_a_reply(line)
         if reply.get("id") != rid:
             raise ProtocolError(
                 f"reply id {reply.get('id')!r} does not match request id {rid} from {self.address}"
             )
         del reply["id"]
         return reply
+
+    def _not_a_reply(self, data: bytes) -> ProtocolError:
+        """The error for bytes that are no pushsvc reply, showing them (escaped, truncated)."""
+        shown = repr(data[:_SHOWN])[1:] + ("..." if len(data) > _SHOWN else "")
+        if data.startswith(b"HTTP/"):
+            hint = "an HTTP server answered, not pushsvc's backend port"
+        else:
+            hint = "is it pushsvc's backend port?"
+        return ProtocolError(f"{self.address} sent {shown}, not a pushsvc reply ({hint})")
 
     # -- commands -------------------------------------------------------------------
 
@@ -560,12 +597,27 @@ def _push_request(
     return req
 
 
+def _may_start_reply(data: bytearray) -> bool:
+    """Whether ``data`` (not empty) can begin a reply to this client.
+
+    This client always sends an ``id``, so every reply is a JSON object, or
+    ``error ...`` for an over-long line (docs/protocol.md).
+    """
+    head = bytes(data[:6])
+    return head.startswith(b"{") or b"error ".startswith(head)
+
+
 def _encode(request: dict[str, Any]) -> bytes:
     """One request line.  Strict JSON: NaN or Infinity would be refused by pushsvc
-    as invalid JSON *without* the id, so refuse them here, before anything is sent."""
+    as invalid JSON *without* the id, so refuse them here, before anything is sent.
+
+    Ended by ``\\r\\n``, which pushsvc accepts like ``\\n``: an HTTP server (the
+    wrong port) answers such a line with a 400 at once, where after a bare
+    ``\\n`` some (Twisted's) wait for the rest of a request that never comes.
+    """
     return (
         json.dumps(request, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(
             "utf-8"
         )
-        + b"\n"
+        + b"\r\n"
     )

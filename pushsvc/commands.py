@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from time import perf_counter
 from typing import Any, TypeVar
 
-import orjson
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from pushsvc import jsoncodec
 from pushsvc.errors import (
     CLOSE_DISCONNECTED,
     RequestError,
@@ -191,7 +191,7 @@ def payload(request: dict) -> bytes:
         raise RequestError("missing data")
     if isinstance(value, str):
         return value.encode("utf-8")
-    return orjson.dumps(value)
+    return jsoncodec.dumps(value)  # exact for integers beyond 64 bits
 
 
 def ttl(node: Node, request: dict) -> int:

@@ -7,7 +7,6 @@ port binds 127.0.0.1 by default; an API key protects it when configured.
 
 from __future__ import annotations
 
-import hmac
 from typing import Any
 
 import orjson
@@ -16,7 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from pushsvc import browser, commands
+from pushsvc import browser, commands, jsoncodec
+from pushsvc.auth import Secrets
 from pushsvc.errors import describe, error_body
 from pushsvc.metrics import MetricsCollector
 from pushsvc.node import Node
@@ -61,7 +61,7 @@ def reply(request: server.Request, status: int, body: dict[str, Any]) -> bytes:
     request.setResponseCode(status)
     request.setHeader(b"content-type", JSON)
     request.setHeader(b"cache-control", b"no-store")
-    return orjson.dumps(body) + b"\n"
+    return jsoncodec.dumps(body) + b"\n"
 
 
 class ApiResource(resource.Resource):
@@ -70,7 +70,7 @@ class ApiResource(resource.Resource):
     isLeaf = True
 
     def __init__(
-        self, node: Node, api_key: bytes | None, throttle: FailureThrottle | None = None
+        self, node: Node, api_key: Secrets | None, throttle: FailureThrottle | None = None
     ) -> None:
         super().__init__()
         self.node = node
@@ -85,7 +85,7 @@ class ApiResource(resource.Resource):
             given = given[7:].strip()
         else:
             given = request.getHeader(b"x-api-key") or b""
-        return hmac.compare_digest(given, self.api_key)
+        return self.api_key.matches(given)
 
     def _blocked(self, request: server.Request) -> bytes | None:
         """429 for an IP with too many failed API keys; counts this request if its key is bad."""
@@ -126,7 +126,7 @@ class ApiResource(resource.Resource):
             return reply(request, 404, {"ok": False, "error": "unknown command"})
         body = request.content.read()
         try:
-            payload = orjson.loads(body) if body.strip() else {}
+            payload = jsoncodec.loads(body) if body.strip() else {}
         except orjson.JSONDecodeError as e:
             return reply(request, 400, {"ok": False, "error": f"invalid JSON: {e}"})
         rid = commands.request_id(payload)
@@ -207,8 +207,8 @@ class PushSite(server.Site):
 
 def make_site(
     node: Node,
-    api_key: bytes | None,
-    max_body: int = 65536,
+    api_key: Secrets | None,
+    max_body: int = 1 << 20,
     ws_factory: PushServerFactory | None = None,
     throttle: FailureThrottle | None = None,
 ) -> PushSite:

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from txaio.interfaces import log_levels
 
-from pushsvc.auth import API_KEY_ENV, SECRET_ENV, load_secret, make_authenticator
+from pushsvc.auth import API_KEY_ENV, MIN_KEY_BYTES, SECRET_ENV, load_secret, make_authenticator
 from pushsvc.backend import BACKEND_SECRET_ENV, BackendFactory, BackendGate
 from pushsvc.broker.memory import MemoryBroker
 from pushsvc.broker.shard import parse_redis_url
@@ -126,7 +126,9 @@ def check_limit_options(config: usage.Options) -> None:
     except ValueError as e:
         raise usage.UsageError(f"--allowed-origins: {e}") from None
     try:
-        config["backend-secret"] = load_secret(config["backend-secret-file"], BACKEND_SECRET_ENV)
+        config["backend-secret"] = load_secret(
+            config["backend-secret-file"], BACKEND_SECRET_ENV, option="--backend-secret-file"
+        )
     except (OSError, ValueError) as e:
         raise usage.UsageError(f"cannot read the backend secret: {e}") from None
 
@@ -149,7 +151,9 @@ def _with_named_coerce(parameters: list[list[Any]]) -> list[list[Any]]:
     return [p[:4] + [_named(p[0], p[4])] if len(p) > 4 else p for p in parameters]
 
 
-class Options(usage.Options):
+class PushOptions(usage.Options):
+    """``twistd push``'s options, raising UsageError like any usage.Options."""
+
     synopsis = "[options]"
     longdesc = (
         "Run the pushsvc WebSocket push service. Browsers connect to --ws-port and send "
@@ -182,8 +186,8 @@ class Options(usage.Options):
             f"File holding the key the HTTP API requires (or set ${API_KEY_ENV}).",
         ],
         ["auth-timeout", None, 10.0, "Seconds a connection may take to authenticate.", float],
-        ["max-line", None, 65536, "Longest backend request line, in bytes.", int],
-        ["max-body", None, 65536, "Largest HTTP API request body, in bytes.", int],
+        ["max-line", None, 1 << 20, "Longest backend request line, in bytes.", int],
+        ["max-body", None, 1 << 20, "Largest HTTP API request body, in bytes.", int],
         ["max-client-frame", None, 4096, "Largest frame a browser may send, in bytes.", int],
         ["ping-interval", None, 30.0, "Seconds between WebSocket pings (0: off).", float],
         ["ping-timeout", None, 10.0, "Seconds to wait for a pong before dropping.", float],
@@ -237,20 +241,6 @@ class Options(usage.Options):
         """
         self["redis"].append(url)
 
-    def parseOptions(self, options: list[str] | None = None) -> None:
-        """Parse, and say what is wrong in one line: no traceback, no help text before it.
-
-        twistd prints the whole help before a UsageError; a bad value deserves
-        the option, the value and the reason, on stderr, with a non-zero exit.
-        """
-        try:
-            super().parseOptions(options)
-        except usage.UsageError as e:
-            reason = str(e).removeprefix("Parameter type enforcement failed: ")
-            raise SystemExit(
-                f"twistd push: {reason} (twistd push --help lists the options)"
-            ) from None
-
     def postOptions(self) -> None:
         check_endpoint("ws-port", self["ws-port"])
         check_endpoint("text-port", self["text-port"], LOCAL)
@@ -280,14 +270,34 @@ class Options(usage.Options):
                 f"--log-level {self['log-level']!r}: must be one of {', '.join(log_levels)}"
             )
         try:
-            self["secret"] = load_secret(self["secret-file"], SECRET_ENV)
-            self["api-key"] = load_secret(self["api-key-file"], API_KEY_ENV)
+            self["secret"] = load_secret(self["secret-file"], SECRET_ENV, min_bytes=MIN_KEY_BYTES)
+            self["api-key"] = load_secret(
+                self["api-key-file"], API_KEY_ENV, option="--api-key-file"
+            )
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"cannot read a secret: {e}") from None
         check_limit_options(self)
 
 
-def makeService(config: Options) -> service.MultiService:
+class Options(PushOptions):
+    """The options as twistd uses them: a bad value is one line on stderr and exit status 1."""
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse, and say what is wrong in one line: no traceback, no help text before it.
+
+        twistd prints the whole help before a UsageError; a bad value deserves
+        the option, the value and the reason, on stderr, with a non-zero exit.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            reason = str(e).removeprefix("Parameter type enforcement failed: ")
+            raise SystemExit(
+                f"twistd push: {reason} (twistd push --help lists the options)"
+            ) from None
+
+
+def makeService(config: PushOptions) -> service.MultiService:
     """The service tree: the node first, so it stops last, after the drain."""
     # Autobahn logs every frame at debug level through txaio; keep that off
     # the hot path unless asked for.
@@ -318,7 +328,7 @@ def makeService(config: Options) -> service.MultiService:
     return top
 
 
-def make_node(config: Options) -> Node:
+def make_node(config: PushOptions) -> Node:
     """A node with the memory broker and store, or Redis ones with ``--redis``."""
     if config["redis"]:
         from pushsvc.broker.redis import RedisBroker
@@ -334,7 +344,7 @@ def make_node(config: Options) -> Node:
     return Node(MemoryBroker(), store, default_ttl=config["history-ttl"])
 
 
-def make_ws_factory(config: Options, node: Node) -> PushServerFactory:
+def make_ws_factory(config: PushOptions, node: Node) -> PushServerFactory:
     return PushServerFactory(
         node,
         make_authenticator(config["secret"]),
@@ -354,10 +364,13 @@ def make_ws_factory(config: Options, node: Node) -> PushServerFactory:
     )
 
 
-def log_policy(config: Options) -> None:
+def log_policy(config: PushOptions) -> None:
     """Say at start-up who may connect and push."""
     if config["secret"]:
-        log.info("WebSocket clients must present an HS256 token signed with the secret")
+        log.info(
+            "WebSocket clients must present an HS256 token signed with {keys}",
+            keys=config["secret"].describe(),
+        )
     else:
         log.warn(
             "WebSocket connections are UNAUTHENTICATED: the first frame is taken as the uid. "

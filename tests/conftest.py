@@ -6,6 +6,7 @@ the "WebSocket on <host>:<port>" lines pushsvc logs for each listener.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -122,6 +123,26 @@ class PushServer:
                     raise AssertionError(f"condition not reached; last stats {stats}")
                 time.sleep(0.02)
 
+    def push_until_delivered(
+        self, uid: str, data: str, connections: int = 1, timeout: float = 10.0
+    ) -> None:
+        """Push ``data`` to ``uid`` again and again until one push reaches ``connections``.
+
+        The positive signal that a uid's connections have identified themselves,
+        and, used as a marker, that nothing was sent to a connection before it:
+        one connection's frames arrive in order.  Tries that reached fewer
+        connections may have delivered ``data`` to some of them already.
+        """
+        deadline = time.monotonic() + timeout
+        with self.backend() as b:
+            while True:
+                reply = b.json(json.dumps({"id": 1, "uid": uid, "data": data}))
+                if reply["delivered"] >= connections:
+                    return
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{data!r} did not reach {uid}; last reply {reply}")
+                time.sleep(0.02)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -155,8 +176,6 @@ class Backend:
         return reply[:-1]
 
     def json(self, line: bytes | str) -> dict:
-        import json
-
         return json.loads(self.request(line))
 
     def close(self) -> None:

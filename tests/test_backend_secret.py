@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 from conftest import Backend, PushServer
+from test_commands import http_post
 
 SECRET = "backend-secret-0123456789"
 AUTH = json.dumps({"cmd": "auth", "secret": SECRET})
@@ -106,3 +107,23 @@ def test_http_api_key_failures_are_throttled(start_server) -> None:
     status, body = post("the-key")
     assert (status, body["error"]) == (429, "too many failed authentication attempts")
     assert server.log().count("refused a request without a valid API key") == 1
+
+
+def test_files_of_several_lines_accept_each_line(start_server, tmp_path) -> None:
+    """Rotation for the backend secret and the API key: each stripped line is accepted."""
+    secret_file, key_file = tmp_path / "backend-secret", tmp_path / "api-key"
+    secret_file.write_text("old-backend-secret\n  new-backend-secret \r\n\n")
+    key_file.write_text("old-api-key\nnew-api-key\n")
+    server = start_server(f"--backend-secret-file={secret_file}", f"--api-key-file={key_file}")
+    # What a backend sends is compared as text, surrounding whitespace ignored.
+    for secret in ("old-backend-secret", "new-backend-secret", "new-backend-secret\n"):
+        with server.backend() as b:
+            assert b.request(json.dumps({"cmd": "auth", "secret": secret})) == b"ok"
+    with server.backend() as b:
+        both = "old-backend-secret\nnew-backend-secret"
+        assert b.request(json.dumps({"cmd": "auth", "secret": both})) == (
+            b"error authentication failed"
+        )
+    for key, status in (("old-api-key", 200), ("new-api-key", 200), ("other", 401)):
+        headers = {"Authorization": f"Bearer {key}"}
+        assert http_post(server, "/api/stats", b"{}", headers)[0] == status, key

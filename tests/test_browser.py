@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -41,6 +41,7 @@ ARGS = [
 ]
 FAST = {"backoffBase": "50", "backoffCap": "400"}  # reconnects in tests take milliseconds
 SCREENSHOT = ROOT / "docs" / "demo.png"
+VIEWPORT = {"width": 760, "height": 640}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def context(browser: Browser) -> Iterator[BrowserContext]:
-    context = browser.new_context(viewport={"width": 760, "height": 640})
+    context = browser.new_context(viewport=VIEWPORT)
     context.set_default_timeout(10_000)
     expect.set_options(timeout=10_000)
     yield context
@@ -86,6 +87,24 @@ def blank_page(context: BrowserContext, server: PushServer) -> tuple[Page, list[
     page.goto(f"{server.http_url}/healthz")
     page.add_script_tag(url="/push.js")
     return page, attempts
+
+
+def settle(page: Page, attempts: list[str], server: PushServer) -> None:
+    """Fire every timer due within the next minute, then collect every WebSocket opened so far.
+
+    Needs the page's clock installed (``context.clock.install()`` before the
+    page loads): a retry push.js scheduled fires now instead of after a sleep.
+    A marker WebSocket opened afterwards is reported after every earlier one
+    (Playwright reports a page's WebSockets in order); it is removed again.
+    """
+    page.clock.run_for(60_000)
+    marker = f"ws://127.0.0.1:{server.ws_port}/?settled-{time.monotonic_ns()}"
+    page.evaluate("(url) => new WebSocket(url).close()", marker)
+    deadline = time.monotonic() + 10
+    while marker not in attempts:
+        assert time.monotonic() < deadline, "the marker WebSocket was not reported"
+        page.wait_for_timeout(10)
+    attempts.remove(marker)
 
 
 def wait_online(server: PushServer, uid: str) -> None:
@@ -159,11 +178,7 @@ def test_two_tabs_of_one_uid_both_update(context: BrowserContext, server) -> Non
     tabs = [open_demo(context, server, uid="tabs")[0] for _ in range(2)]
     for tab in tabs:
         expect(tab.locator("#state")).to_have_text("open")
-    with server.backend() as b:
-        deadline = time.monotonic() + 10
-        while b.json('{"id":1,"uid":"tabs","data":"60%"}')["delivered"] < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    server.push_until_delivered("tabs", "60%", connections=2)
     for tab in tabs:
         expect(tab.locator("#percent")).to_have_text("60%")
 
@@ -199,6 +214,7 @@ def test_page_reconnects_after_a_restart(context: BrowserContext, start_server) 
 
 def test_tokens_good_and_bad(context: BrowserContext, start_server) -> None:
     server: PushServer = start_server(env={"PUSHSVC_SECRET": SECRET})
+    context.clock.install()
     good, _ = open_demo(context, server, uid="tok", token=token("tok"), **FAST)
     expect(good.locator("#state")).to_have_text("open")
     wait_online(server, "tok")
@@ -208,7 +224,7 @@ def test_tokens_good_and_bad(context: BrowserContext, start_server) -> None:
     bad, attempts = open_demo(context, server, token=token("tok", secret="x" * 32), **FAST)
     expect(bad.locator("#state")).to_have_text("failed")
     expect(bad.locator("#log li.error")).to_contain_text("authentication failed (4001)")
-    time.sleep(1.0)  # with a 50 ms backoff a retry loop would have made many attempts by now
+    settle(bad, attempts, server)  # a retry loop would have made many attempts in a minute
     assert len(attempts) == 1
     expect(bad.locator("#state")).to_have_text("failed")
     with urllib.request.urlopen(server.http_url + "/metrics", timeout=5) as resp:
@@ -217,6 +233,7 @@ def test_tokens_good_and_bad(context: BrowserContext, start_server) -> None:
 
 def test_get_token_refreshes_an_expired_token(context: BrowserContext, start_server) -> None:
     server: PushServer = start_server(env={"PUSHSVC_SECRET": SECRET})
+    context.clock.install()
     page, attempts = blank_page(context, server)
     tokens = [token("fresh", exp_in=-10), token("fresh")]  # expired first, then valid
     page.evaluate(
@@ -251,7 +268,7 @@ def test_get_token_refreshes_an_expired_token(context: BrowserContext, start_ser
         f"ws://127.0.0.1:{server.http_port}/ws?bad",
     )
     page.wait_for_function("bad.state === 'failed'")
-    time.sleep(0.5)
+    page.clock.run_for(60_000)  # a retry would call getToken again (synchronously, first thing)
     assert page.evaluate("[badCalls, failedWith, bad.state]") == [1, 4001, "failed"]
 
 
@@ -270,6 +287,7 @@ LIVE_CODES = [
 
 
 def test_close_codes_from_the_server(context: BrowserContext, server) -> None:
+    context.clock.install()
     page, attempts = blank_page(context, server)
     url = f"ws://127.0.0.1:{server.ws_port}/"
     for code, _, _ in LIVE_CODES:
@@ -289,10 +307,15 @@ def test_close_codes_from_the_server(context: BrowserContext, server) -> None:
             assert (
                 b.json(f'{{"cmd":"disconnect","uid":"code-{code}","code":{code}}}')["closed"] == 1
             )
-    time.sleep(1.0)  # long enough for several 50-400 ms retries
+    for code, state, reconnects in LIVE_CODES:
+        client, connections = f"clients['code-{code}']", 2 if reconnects else 1
+        page.wait_for_function(
+            f"{client}.state === '{state}' && {client}.connections === {connections}"
+        )
+    settle(page, attempts, server)  # a minute's retries, at once
     for code, state, reconnects in LIVE_CODES:
         uid = f"code-{code}"
-        page.wait_for_function(f"clients['{uid}'].state === '{state}'")
+        assert page.evaluate(f"clients['{uid}'].state") == state, code
         tries = sum(1 for a in attempts if a.endswith(f"?{uid}"))
         assert tries == (2 if reconnects else 1), (code, tries)
         failures = page.evaluate(f"clients['{uid}'].authfailures")
@@ -325,6 +348,7 @@ def test_close_code_table(context: BrowserContext, server) -> None:
 
 def test_oversized_uid_is_final(context: BrowserContext, server) -> None:
     """A credential larger than --max-client-frame gets 1009: retrying cannot help."""
+    context.clock.install()
     page, attempts = blank_page(context, server)
     page.evaluate(
         """(url) => { window.big = new PushClient(url, {uid: 'x'.repeat(5000), backoffBase: 50});
@@ -332,11 +356,12 @@ def test_oversized_uid_is_final(context: BrowserContext, server) -> None:
         f"ws://127.0.0.1:{server.http_port}/ws",
     )
     page.wait_for_function("big.state === 'failed'")
-    time.sleep(0.4)
-    assert len(attempts) == 1
+    settle(page, attempts, server)
+    assert len(attempts) == 1 and page.evaluate("big.state") == "failed"
 
 
 def test_close_from_the_app_does_not_reconnect(context: BrowserContext, server) -> None:
+    context.clock.install()
     page, attempts = blank_page(context, server)
     page.evaluate(
         """(url) => { window.c = new PushClient(url, {uid: 'app-close', backoffBase: 50});
@@ -346,7 +371,7 @@ def test_close_from_the_app_does_not_reconnect(context: BrowserContext, server) 
     page.wait_for_function("c.state === 'open'")
     wait_online(server, "app-close")
     page.evaluate("c.close()")
-    time.sleep(0.4)
+    settle(page, attempts, server)
     assert page.evaluate("c.state") == "closed" and len(attempts) == 1
     with server.backend() as b:
         assert b.json('{"cmd":"online","uid":"app-close"}')["online"]["app-close"] is False
@@ -454,8 +479,16 @@ def test_push_mjs_is_an_es_module(context: BrowserContext, server) -> None:
 
 
 def test_screenshot_is_committed() -> None:
-    """docs/demo.png is what the README shows; PUSHSVC_SCREENSHOT=1 regenerates it."""
-    assert Path(SCREENSHOT).stat().st_size > 10_000
+    """docs/demo.png is what the README shows: a page screenshot this module took.
+
+    PUSHSVC_SCREENSHOT=1 regenerates it (a full-page screenshot: the context's
+    viewport width, at least its height).
+    """
+    png = SCREENSHOT.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", png[16:24])
+    assert (width, height >= VIEWPORT["height"]) == (VIEWPORT["width"], True)
+    assert "](docs/demo.png)" in (ROOT / "README.md").read_text()
 
 
 RECOVERING_CLIENT = """([url, uid]) => {
@@ -500,8 +533,9 @@ def test_a_reloaded_page_misses_nothing_and_sees_nothing_twice(
         page.evaluate(RECOVERING_CLIENT, [url, user])
     thread.join(10)
     assert done.is_set()
-    page.wait_for_function(f"log.length >= {count}")
-    time.sleep(0.2)  # a duplicate would arrive about now
+    # A plain push after the last stored one: a duplicate would come before it.
+    server.push_until_delivered(user, "marker")
+    page.wait_for_function("log.length && log[log.length - 1][1] === 'marker'")
     log = page.evaluate("log")
-    assert log == [[i, f"m{i}"] for i in range(1, count + 1)]
+    assert log == [[i, f"m{i}"] for i in range(1, count + 1)] + [[None, "marker"]]
     assert page.evaluate("events") == [f"recovered u:{user}"]  # the last page's recovery

@@ -96,15 +96,19 @@ def test_one_write_per_batch(server: PushServer) -> None:
         assert counting.writes == 1
 
 
-def test_online_and_stats(server: PushServer, client: Client, ws_clients) -> None:
+def test_online_and_stats(start_server, ws_clients) -> None:
+    server = start_server()  # its own server: the counts are exact
     user, nobody = uid(), uid()
     connect_ws(server, ws_clients, user)
-    assert client.online([user, nobody]) == {user: True, nobody: False}
-    assert client.online((user,)) == {user: True}
-    assert client.is_online(user) and not client.is_online(nobody)
-    stats = client.stats()
+    ws_clients.append(server.ws())  # connected, not identified yet
+    server.wait_for(lambda s: s["pending"] == 1)
+    with Client(port=server.text_port) as client:
+        assert client.online([user, nobody]) == {user: True, nobody: False}
+        assert client.online((user,)) == {user: True}
+        assert client.is_online(user) and not client.is_online(nobody)
+        stats = client.stats()
     assert "ok" not in stats
-    assert stats["uids"] >= 1 and stats["connections"] >= 1 and stats["pending"] >= 0
+    assert (stats["uids"], stats["connections"], stats["pending"]) == (1, 1, 1)
 
 
 def test_broadcast(start_server) -> None:
@@ -335,6 +339,85 @@ def test_garbage_reply_is_a_protocol_error(scripted) -> None:
     server = scripted(script)
     with Client(port=server.port) as c, pytest.raises(ProtocolError, match="backend port"):
         c.stats()
+
+
+# -- a peer that is not pushsvc's backend port ---------------------------------------
+
+
+class Peer:
+    """A TCP server on a real socket that is not pushsvc: it sends ``greeting`` on
+    accept, then ``answer`` for everything it reads, until the client hangs up."""
+
+    def __init__(self, greeting: bytes, answer: bytes) -> None:
+        self.greeting, self.answer = greeting, answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.sendall(self.greeting)
+                    while conn.recv(65536):
+                        conn.sendall(self.answer)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def fails_fast(port: int, batch: int = 1) -> ProtocolError:
+    """The ProtocolError a client with the default 5 s timeout gets within a second."""
+    started = time.monotonic()
+    with Client(port=port, retry_delay=0) as c, pytest.raises(ProtocolError) as info:
+        c.push_many([(uid(), "x" * 50)] * batch)
+    assert time.monotonic() - started < 1, "not within a second"
+    assert c._sock is None  # out of sync: dropped
+    return info.value
+
+
+@pytest.mark.parametrize("batch", [1, 20000], ids=["one", "more-than-the-socket-buffers"])
+def test_the_http_port_is_a_protocol_error_at_once(server: PushServer, batch: int) -> None:
+    """pushsvc's own HTTP port answers the client's \\r\\n-ended line with a 400 and hangs up."""
+    error = fails_fast(server.http_port, batch)
+    assert f"127.0.0.1:{server.http_port} sent 'HTTP/1.1 400 Bad Request" in str(error)
+    assert "not pushsvc's backend port" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("greeting", "answer", "shown"),
+    [
+        (b"\x16\x03\x01\x00\xa5\x01garbage", b"", r"'\x16\x03\x01\x00\xa5\x01garbage'"),
+        (b"220 mail.example.com ESMTP\r\n", b"", r"'220 mail.example.com ESMTP\r\n'"),
+        (b"", b"-ERR unknown command\r\n", r"'-ERR unknown command\r\n'"),
+        (b"", b"x" * 100, "'" + "x" * 60 + "'..."),
+    ],
+    ids=["binary-banner-no-newline", "smtp-banner", "redis-like-error", "long-no-newline"],
+)
+def test_a_peer_that_is_not_pushsvc_is_named(greeting, answer, shown) -> None:
+    peer = Peer(greeting, answer)
+    try:
+        error = fails_fast(peer.port)
+    finally:
+        peer.close()
+    assert str(error) == (
+        f"127.0.0.1:{peer.port} sent {shown}, not a pushsvc reply (is it pushsvc's backend port?)"
+    )
+
+
+def test_a_silent_port_times_out_and_says_nothing_came_back(server: PushServer) -> None:
+    """The WebSocket port waits for a handshake's blank line: only a timeout can tell."""
+    with Client(port=server.ws_port, timeout=0.5) as c:
+        started = time.monotonic()
+        with pytest.raises(PushTimeout, match="nothing came back at all"):
+            c.push(uid(), "x")
+        assert time.monotonic() - started < 3
 
 
 def test_read_timeout_is_not_retried(scripted) -> None:

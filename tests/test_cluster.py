@@ -68,15 +68,21 @@ def test_push_reaches_a_uid_on_the_other_node(start_server, redis) -> None:
     with a.backend() as backend:
         assert backend.request('{"uid":"alice","data":"local"}') == b"ok"
         assert backend.request('{"uid":"nobody","data":"x"}') == b"fail"
-    assert ws.recv(timeout=5) == "88%"
-    assert ws.recv(timeout=5) == "local"
+    # Both arrive; B answered ok once Redis counted A as a receiver, before A
+    # delivered, so their order across the nodes is not promised (docs/cluster.md).
+    assert sorted([ws.recv(timeout=5), ws.recv(timeout=5)]) == ["88%", "local"]
     # Tabs on both nodes: a push through either reaches both, once each.
     ws_b = b.ws("alice")
     b.wait_for(lambda s: s["pending"] == 0)
     assert call(a, {"uid": "alice", "data": "both"})["ok"] is True
     assert ws.recv(timeout=5) == "both" and ws_b.recv(timeout=5) == "both"
-    with pytest.raises(TimeoutError):
-        ws.recv(timeout=0.3)
+    # Once each: a marker through the other node comes through Redis after
+    # any copy of "both" would have, so it must be each tab's next frame.
+    # (ws_b got "both" through Redis, so A's PUBLISH of it is done by now.)
+    assert call(b, {"uid": "alice", "data": "m1"})["ok"] is True
+    assert ws.recv(timeout=5) == "m1" and ws_b.recv(timeout=5) == "m1"
+    assert call(a, {"uid": "alice", "data": "m2"})["ok"] is True
+    assert ws_b.recv(timeout=5) == "m2" and ws.recv(timeout=5) == "m2"
     ws.close()
     ws_b.close()
     until(lambda: not subscribed(redis, "alice"))
@@ -142,9 +148,9 @@ def test_redis_outage_keeps_local_delivery_and_never_says_ok_falsely(start_serve
     until(lambda: subscribed(redis, "there") and subscribed(redis, "here"))
     with a.backend() as backend:
         assert backend.request('{"uid":"there","data":"after"}') == b"ok"
+    # Its first frame: the push refused during the outage never shows up (had it
+    # been queued, it would have been PUBLISHed through A's connection before this one).
     assert remote.recv(timeout=5) == "after"
-    with pytest.raises(TimeoutError):
-        remote.recv(timeout=0.5)  # the push refused during the outage never shows up
 
 
 def test_a_dead_node_is_forgotten(start_server, redis) -> None:

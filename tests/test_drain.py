@@ -11,7 +11,7 @@ from conftest import PushServer
 from rawws import RawWS
 from test_lifecycle import STOPPED_OK
 
-from pushsvc.tap import Options
+from pushsvc.tap import PushOptions as Options
 
 
 def test_closes_are_spread_over_the_drain_window(start_server) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pushsvc.errors import AuthError
@@ -69,6 +71,23 @@ def test_expiry_and_epoch_changes_fail(clock) -> None:
     assert not store.read("u:a", (2, epoch)).recovered
     off, new_epoch = store.append("u:a", b"again", 60)
     assert off == 1 and new_epoch != epoch
+
+
+def test_an_expired_push_is_reported_not_replayed(clock) -> None:
+    """What a client reconnecting after a push's ttl gets: the failed status, no entries."""
+    store = MemoryStore(size=10, clock=clock)
+    _, epoch = store.append("u:short", b"gone soon", 1)
+    assert store.read("u:short", (0, epoch)).entries  # kept within its ttl
+    clock.now += 1
+    got = store.read("u:short", (0, epoch))
+    assert (got.recovered, got.offset, got.entries) == (False, 1, [])
+    assert json.loads(got.status()) == {
+        "pushsvc": "recovery",
+        "ch": "u:short",
+        "recovered": False,
+        "off": 1,
+        "ep": epoch,
+    }
 
 
 def test_sweep_keeps_streams_that_are_in_use(clock) -> None:

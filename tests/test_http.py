@@ -9,6 +9,7 @@ import urllib.request
 from conftest import PushServer
 from prometheus_client.parser import text_string_to_metric_families
 from test_commands import http_post
+from test_push import seed_line
 
 KEY = "k-0123456789abcdef0123456789abcdef"
 
@@ -68,6 +69,18 @@ def test_body_too_large(start_server) -> None:
         s.sendall(b"0\r\n\r\n")
         assert s.recv(4096).startswith(b"HTTP/1.1 413")
     assert http_post(server, "/api/stats", b"{}")[0] == 200
+
+
+def test_a_one_mib_body_with_default_options(server: PushServer, ws_clients) -> None:
+    """The default --max-body matches --max-line: 1 MiB."""
+    ws = server.ws("http-mib", max_size=2 << 20)
+    ws_clients.append(ws)
+    server.wait_for(lambda s: s["pending"] == 0)
+    body = seed_line("http-mib", 1 << 20)
+    assert http_post(server, "/api/push", body)[:2] == (200, b'{"ok":true,"delivered":1}\n')
+    assert ws.recv(timeout=10) == json.loads(body)["percent"]
+    status, data, _ = http_post(server, "/api/push", seed_line("http-mib", (1 << 20) + 1))
+    assert status == 413 and json.loads(data)["error"] == "body larger than 1048576 bytes"
 
 
 def test_healthz(server: PushServer) -> None:

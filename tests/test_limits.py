@@ -11,7 +11,7 @@ from test_slow_consumer import metric
 from twisted.python import usage
 from websockets.exceptions import InvalidStatus
 
-from pushsvc.tap import Options
+from pushsvc.tap import PushOptions as Options
 
 
 def refused_status(server: PushServer, **kw) -> int:

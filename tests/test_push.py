@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import uuid
 
-import pytest
 from conftest import PushServer
+from test_commands import http_post
 
 
 def uid() -> str:
@@ -111,13 +111,20 @@ def test_broadcast_with_nobody_connected_fails(start_server) -> None:
         assert b.request('{"cmd":"broadcast","data":"x"}') == b"fail"
 
 
-def test_unauthenticated_connection_gets_nothing(server: PushServer, ws_clients) -> None:
+def test_unauthenticated_connection_gets_nothing(start_server, ws_clients) -> None:
+    server = start_server()
     ws = server.ws()  # connected, but never says who it is
     ws_clients.append(ws)
+    server.wait_for(lambda s: s["pending"] == 1)
     with server.backend() as b:
-        assert b.request('{"cmd":"broadcast","data":"x"}') in (b"ok", b"fail")
-    with pytest.raises(TimeoutError):
-        ws.recv(timeout=0.3)
+        assert b.request('{"cmd":"broadcast","data":"x"}') == b"fail"  # reached nobody
+    # Once it has identified itself, a marker broadcast is its first frame:
+    # the broadcast before it was not sent to it.
+    ws.send("late")
+    server.wait_for(lambda s: s["pending"] == 0 and s["connections"] == 1)
+    with server.backend() as b:
+        assert b.request('{"cmd":"broadcast","data":"marker"}') == b"ok"
+    assert ws.recv(timeout=5) == "marker"
 
 
 def test_frames_after_auth_are_ignored(server: PushServer, ws_clients) -> None:
@@ -164,12 +171,66 @@ def test_crlf_line_endings_are_accepted(server: PushServer) -> None:
         assert b.line() == b"fail\n"
 
 
-def test_stats_and_online(server: PushServer, ws_clients) -> None:
+def test_stats_and_online(start_server, ws_clients) -> None:
+    server = start_server()  # its own server: the counts are exact
     user = uid()
-    ws_clients.append(server.ws(user))
-    server.wait_for(lambda s: s["pending"] == 0)
+    ws_clients.extend([server.ws(user), server.ws(user), server.ws()])
+    server.wait_for(lambda s: s["pending"] == 1 and s["connections"] == 2)
     with server.backend() as b:
         reply = b.json(json.dumps({"cmd": "online", "uid": [user, "nobody"]}))
         assert reply == {"ok": True, "online": {user: True, "nobody": False}}
         stats = b.json('{"cmd":"stats"}')
-    assert stats["uids"] >= 1 and stats["connections"] >= 1
+    # Two tabs of one uid, and one connection that has not said who it is.
+    assert (stats["uids"], stats["connections"], stats["pending"]) == (1, 2, 1)
+
+
+MIB = 1 << 20
+
+
+def seed_line(user: str, size: int) -> bytes:
+    """The seed's request line (no id: a bare ok/fail reply), ``size`` bytes without newline."""
+    empty = json.dumps({"uid": user, "percent": ""}).encode()
+    return json.dumps({"uid": user, "percent": "p" * (size - len(empty))}).encode()
+
+
+def test_a_one_mib_push_with_default_options(server: PushServer, ws_clients) -> None:
+    """The default --max-line is 1 MiB: a document-sized push is delivered whole."""
+    user = uid()
+    ws = server.ws(user, max_size=2 * MIB)
+    ws_clients.append(ws)
+    server.wait_for(lambda s: s["pending"] == 0)
+    line = seed_line(user, MIB)
+    assert len(line) == MIB
+    with server.backend() as b:
+        assert b.request(line) == b"ok"
+        assert b.request(seed_line(user, MIB + 1)) == b"error line longer than 1048576 bytes"
+        assert b.request(json.dumps({"uid": user, "data": "after"})) == b"ok"
+    assert ws.recv(timeout=10) == json.loads(line)["percent"]
+    assert ws.recv(timeout=5) == "after"  # the over-long line reached nobody
+
+
+def test_integers_of_any_size_arrive_exactly(server: PushServer, ws_clients) -> None:
+    """Beyond 64 bits orjson would make them floats (2**64 as 1.8446744073709552e+19)."""
+    user = uid()
+    ws = server.ws(user)
+    ws_clients.append(ws)
+    server.wait_for(lambda s: s["pending"] == 0)
+    forty = "1234567890" * 4
+    texts = [
+        str(2**64),
+        str(-(2**70)),
+        '{"n":{"deep":[' + forty + ",-" + forty + ']},"small":7,"x":1.5}',
+        "[18446744073709551615,-9223372036854775808]",  # the edges orjson holds itself
+    ]
+    with server.backend() as b:
+        for text in texts:
+            assert b.request(f'{{"uid":"{user}","data":{text}}}') == b"ok"
+        # An id beyond 64 bits is echoed exactly too.
+        big_id = str(2**80)
+        reply = b.request(f'{{"id":{big_id},"uid":"{user}","data":{big_id}}}')
+        assert reply == b'{"id":' + big_id.encode() + b',"ok":true,"delivered":1}'
+    # Through the HTTP API as well.
+    body = f'{{"uid":"{user}","data":{{"v":-{forty}}}}}'.encode()
+    assert http_post(server, "/api/push", body)[:2] == (200, b'{"ok":true,"delivered":1}\n')
+    received = [ws.recv(timeout=5) for _ in range(len(texts) + 2)]
+    assert received == [*texts, big_id, f'{{"v":-{forty}}}']
