@@ -279,6 +279,7 @@ class TestRedisBroker(BrokerContract, RedisCase):
     def test_unsubscribed_uids_are_not_received_any_more(self) -> Any:
         a, b = yield defer.gatherResults([self.peer(), self.peer()])
         yield a.hold("gone-5")
+        assert self.subscribers("gone-5") == 1
         a.handler.uids.discard("gone-5")
         a.broker.unsubscribe("gone-5")
         # Nothing confirms an UNSUBSCRIBE: ask Redis until it has none for the uid.

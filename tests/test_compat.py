@@ -9,14 +9,30 @@ from __future__ import annotations
 
 import gc
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import txredisapi
 from autobahn.twisted.websocket import WebSocketServerProtocol
-from twisted.internet import abstract
+from twisted.internet import abstract, reactor
 
 from pushsvc import compat
+
+
+@pytest.fixture(autouse=True)
+def _cancel_left_timers() -> Iterator[None]:
+    """Cancel the delayed calls a test left in the global reactor.
+
+    problems() builds a live Autobahn connection whose handshake timer goes
+    to the global reactor (test_the_check_leaves_no_timer_behind); the tests
+    that run the reactor later must not inherit it.
+    """
+    before = set(reactor.getDelayedCalls())
+    yield
+    for call in reactor.getDelayedCalls():
+        if call not in before and call.active():
+            call.cancel()
 
 
 def test_every_internal_compat_relies_on_is_there() -> None:
@@ -80,3 +96,11 @@ def test_the_check_closes_the_sockets_it_opens() -> None:
         gc.collect()
     unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
     assert not unclosed, unclosed
+
+
+def test_the_check_leaves_no_timer_behind() -> None:
+    """The live connection problems() inspects must not keep its handshake timeout scheduled."""
+    before = set(reactor.getDelayedCalls())
+    compat.problems()
+    left = [call for call in reactor.getDelayedCalls() if call not in before]
+    assert not left, f"problems() left delayed calls in the reactor: {left}"
