@@ -7,17 +7,23 @@ seconds), then fails the test if it left delayed calls or sockets in the
 reactor, and stops the reactor's thread pool after each test.  That is the
 isolation these tests need, with nothing installed beyond Twisted.
 
-``ReactorTestCase`` adds one thing: trial's ``reactor.run()`` installs the
-reactor's SIGINT and SIGTERM handlers and never removes them, which would
-leave Ctrl-C dead for the rest of the pytest run; they are put back after
-each test.  ``until`` is the bounded poll for states that no Deferred
-announces (a Redis connection noticed down, a node's message received).
+``ReactorTestCase`` adds two things.  Trial's ``reactor.run()`` installs
+the reactor's SIGINT and SIGTERM handlers and never removes them, which
+would leave Ctrl-C dead for the rest of the pytest run: they are put back
+after each test.  And timers that earlier, reactor-less tests left in the
+global reactor are cancelled (with a warning) before each test, so that
+they neither fire inside it nor count against it.
+
+``until`` is the bounded poll for states that no Deferred announces (a
+Redis connection noticed down, a node's message received); ``quiet`` waits
+(bounded) for a test's own timers to end before trial checks the reactor.
 """
 
 from __future__ import annotations
 
 import signal
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,17 +36,37 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class ReactorTestCase(unittest.TestCase):
-    """A trial TestCase run by pytest, leaving the process's signal handlers as it found them."""
+    """A trial TestCase run by pytest: a reactor without others' timers, signals as they were."""
 
     timeout = 20  # seconds before trial fails a test whose Deferred never fires
 
     def run(self, result: object) -> None:  # type: ignore[override]
+        clear_leftovers()
         saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
         try:
             super().run(result)
         finally:
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
+
+
+class LeftoverTimers(UserWarning):
+    """Delayed calls that earlier tests left in the global reactor, cancelled."""
+
+
+def clear_leftovers() -> None:
+    """Cancel the delayed calls earlier tests left in the global reactor, with a warning.
+
+    Tests that never run the reactor may leave timers in it (an Autobahn
+    protocol's handshake or ping timeout); nothing would ever have fired
+    them, and a reactor test must neither fire them nor be blamed for them.
+    """
+    left = [call for call in reactor.getDelayedCalls() if call.active()]
+    if left:
+        message = f"cancelled {len(left)} left by earlier tests: {left}"
+        for call in left:
+            call.cancel()
+        warnings.warn(LeftoverTimers(message), stacklevel=2)
 
 
 def until(

@@ -16,7 +16,7 @@ import textwrap
 import unittest as pyunit
 from pathlib import Path
 
-from reactor_helper import ReactorTestCase
+from reactor_helper import ReactorTestCase, clear_leftovers
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
@@ -84,6 +84,7 @@ def test_signal_handlers_are_as_they_were_after_a_reactor_test() -> None:
     """Trial's reactor.run() takes SIGINT and SIGTERM; Ctrl-C must still stop pytest after it."""
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
+        clear_leftovers()
         plain = pyunit.TestResult()
         _PlainTrial("test_it").run(plain)
         assert plain.wasSuccessful(), plain.errors
