@@ -11,8 +11,9 @@ isolation these tests need, with nothing installed beyond Twisted.
 the reactor's SIGINT and SIGTERM handlers and never removes them, which
 would leave Ctrl-C dead for the rest of the pytest run: they are put back
 after each test.  And timers that earlier, reactor-less tests left in the
-global reactor are cancelled (with a warning) before each test, so that
-they neither fire inside it nor count against it.
+global reactor are cancelled, and sockets they left registered are closed
+(with a warning) before each test, so that they neither run inside it nor
+count against it.
 
 ``until`` is the bounded poll for states that no Deferred announces (a
 Redis connection noticed down, a node's message received); ``quiet`` waits
@@ -30,6 +31,8 @@ from pathlib import Path
 from redis_server import RedisServer, require_redis
 from twisted.internet import defer, reactor, task
 from twisted.internet.base import DelayedCall
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -50,23 +53,30 @@ class ReactorTestCase(unittest.TestCase):
                 signal.signal(sig, handler)
 
 
-class LeftoverTimers(UserWarning):
-    """Delayed calls that earlier tests left in the global reactor, cancelled."""
+class LeftInReactor(UserWarning):
+    """Timers and sockets that earlier tests left in the global reactor, cleared."""
 
 
 def clear_leftovers() -> None:
-    """Cancel the delayed calls earlier tests left in the global reactor, with a warning.
+    """Cancel the timers and close the sockets earlier tests left in the global reactor.
 
-    Tests that never run the reactor may leave timers in it (an Autobahn
-    protocol's handshake or ping timeout); nothing would ever have fired
-    them, and a reactor test must neither fire them nor be blamed for them.
+    Tests that never run the reactor may leave things in it (an Autobahn
+    protocol's handshake or ping timeout, a transport registered for
+    reading); nothing would ever have run them, and a reactor test must
+    neither run them nor be blamed for them.  A warning names them.
     """
-    left = [call for call in reactor.getDelayedCalls() if call.active()]
-    if left:
-        message = f"cancelled {len(left)} left by earlier tests: {left}"
-        for call in left:
+    calls = [call for call in reactor.getDelayedCalls() if call.active()]
+    if calls:
+        message = f"cancelled {len(calls)} delayed call(s) left by earlier tests: {calls}"
+        for call in calls:
             call.cancel()
-        warnings.warn(LeftoverTimers(message), stacklevel=2)
+        warnings.warn(LeftInReactor(message), stacklevel=2)
+    selectables = reactor.removeAll()  # all but the reactor's own (its waker)
+    if selectables:
+        for selectable in selectables:
+            selectable.connectionLost(Failure(ConnectionDone("left by an earlier test")))
+        message = f"closed {len(selectables)} socket(s) left by earlier tests: {selectables}"
+        warnings.warn(LeftInReactor(message), stacklevel=2)
 
 
 def until(

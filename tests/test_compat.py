@@ -15,24 +15,24 @@ from typing import Any
 import pytest
 import txredisapi
 from autobahn.twisted.websocket import WebSocketServerProtocol
+from reactor_helper import LeftInReactor, clear_leftovers
 from twisted.internet import abstract, reactor
 
 from pushsvc import compat
 
 
 @pytest.fixture(autouse=True)
-def _cancel_left_timers() -> Iterator[None]:
-    """Cancel the delayed calls a test left in the global reactor.
+def _clear_reactor() -> Iterator[None]:
+    """Clear what a test left in the global reactor.
 
-    problems() builds a live Autobahn connection whose handshake timer goes
-    to the global reactor (test_the_check_leaves_no_timer_behind); the tests
-    that run the reactor later must not inherit it.
+    problems() leaves a live Autobahn connection's handshake timer and a TCP
+    transport in the global reactor (test_the_check_leaves_nothing_in_the_reactor);
+    the tests that run the reactor later must not inherit them.
     """
-    before = set(reactor.getDelayedCalls())
     yield
-    for call in reactor.getDelayedCalls():
-        if call not in before and call.active():
-            call.cancel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LeftInReactor)
+        clear_leftovers()
 
 
 def test_every_internal_compat_relies_on_is_there() -> None:
@@ -98,9 +98,15 @@ def test_the_check_closes_the_sockets_it_opens() -> None:
     assert not unclosed, unclosed
 
 
-def test_the_check_leaves_no_timer_behind() -> None:
-    """The live connection problems() inspects must not keep its handshake timeout scheduled."""
-    before = set(reactor.getDelayedCalls())
+def test_the_check_leaves_nothing_in_the_reactor() -> None:
+    """The live transport and connection problems() inspects must not stay in the reactor."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LeftInReactor)
+        clear_leftovers()
+    registered = {*reactor.getReaders(), *reactor.getWriters()}  # the reactor's own
     compat.problems()
-    left = [call for call in reactor.getDelayedCalls() if call not in before]
-    assert not left, f"problems() left delayed calls in the reactor: {left}"
+    calls = reactor.getDelayedCalls()
+    selectables = {*reactor.getReaders(), *reactor.getWriters()} - registered
+    assert not calls and not selectables, (
+        f"problems() left delayed calls {calls} and registered sockets {selectables}"
+    )
