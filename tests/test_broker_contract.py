@@ -310,9 +310,10 @@ class TestRedisDown(RedisCase):
         }
 
     @defer.inlineCallbacks
-    def assert_unavailable(self, calls: dict[str, defer.Deferred[Any]], within: float) -> Any:
-        """Every call failed with Unavailable, each within ``within`` seconds of the call."""
+    def assert_unavailable(self, peer: Peer, within: float) -> Any:
+        """Every cluster call fails with Unavailable, each within ``within`` seconds."""
         started = time.monotonic()
+        calls = self.cluster_calls(peer)
         timed = [d.addBoth(lambda r: (r, time.monotonic() - started)) for d in calls.values()]
         outcomes = yield defer.gatherResults(timed)
         wrong = [
@@ -328,7 +329,7 @@ class TestRedisDown(RedisCase):
         yield a.hold("down-1")
         self.redis.kill()
         yield until(lambda: not b.broker.home.up)
-        yield self.assert_unavailable(self.cluster_calls(b), within=TIMEOUT / 2)
+        yield self.assert_unavailable(b, within=TIMEOUT / 2)
 
     @defer.inlineCallbacks
     def test_a_frozen_redis_fails_every_call_after_the_timeout(self) -> Any:
@@ -338,4 +339,4 @@ class TestRedisDown(RedisCase):
         assert self.redis.proc is not None
         self.redis.proc.send_signal(signal.SIGSTOP)
         self.addCleanup(self.redis.proc.send_signal, signal.SIGCONT)
-        yield self.assert_unavailable(self.cluster_calls(b), within=TIMEOUT * 3)
+        yield self.assert_unavailable(b, within=TIMEOUT * 3)
