@@ -101,7 +101,7 @@ class BackendProtocol(LineReceiver):
         # go to _first_line; after a refusal, to nothing.
         self.authenticated = self.gate.secret is None
         self.refused = False
-        self._buffer = b""
+        self._partial = b""
         self._discarding = False  # inside an over-long line, until its newline
         self._waiting: deque[list[bytes | None]] | None = None
 
@@ -121,7 +121,7 @@ class BackendProtocol(LineReceiver):
         return getattr(self.transport.getPeer(), "host", "?")
 
     def dataReceived(self, data: bytes) -> None:
-        buf = self._buffer + data if self._buffer else data
+        buf = self._partial + data if self._partial else data
         replies: list[bytes | Deferred[bytes]] = []
         start = 0
         limit = self.MAX_LENGTH
@@ -140,7 +140,7 @@ class BackendProtocol(LineReceiver):
                 replies.append(error_line(f"line longer than {limit} bytes"))
                 self._discarding = True
             rest = b""
-        self._buffer = rest
+        self._partial = rest
         if replies:
             self._send(replies)
 

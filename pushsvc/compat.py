@@ -121,7 +121,8 @@ def protocol_with_options(factory: Any) -> type:
     return type(base.__name__, (base,), options)
 
 
-# -- Autobahn: connection state (_perMessageCompress, send_queue, sendCloseFrame, wasClean)
+# -- Autobahn: connection state (_perMessageCompress, send_queue, sendCloseFrame, wasClean,
+# wasNotCleanReason, sendHttpErrorResponse)
 
 
 def plain_writes(conn: Any) -> bool:
@@ -132,6 +133,26 @@ def plain_writes(conn: Any) -> bool:
 def close_with(conn: Any, code: int, reason: bytes) -> None:
     """Send a close frame with a code ``sendClose`` refuses (1001, 1008: only 1000, 3000-4999)."""
     conn.sendCloseFrame(code, reason, isReply=False)
+
+
+def unclean_drop(conn: Any) -> str | None:
+    """Why Autobahn is about to drop a connection uncleanly; None for a clean or repeated drop."""
+    if conn.wasClean or conn.state == conn.STATE_CLOSED:
+        return None
+    return conn.wasNotCleanReason or "connection dropped"
+
+
+def refuse_handshake(conn: Any, code: int, reason: str, headers: Any) -> None:
+    """Answer the opening handshake with an HTTP error and drop, as an orderly end.
+
+    Autobahn's ``failHandshake`` logs two lines per refusal; this sends the
+    same response (``sendHttpErrorResponse``) and marks the drop clean, so
+    nothing is logged per connection.
+    """
+    conn.wasNotCleanReason = reason
+    conn.sendHttpErrorResponse(code, reason, headers)
+    conn.wasClean = True
+    conn.dropConnection(abort=False)
 
 
 def drop_quietly(conn: Any, drop: Callable[[bool], None], abort: bool) -> None:
@@ -182,15 +203,24 @@ def problems() -> list[str]:
     for name in ("_tempDataLen", "dataBuffer", "_writeDisconnected", "connected", "socket"):
         if not hasattr(server, name):
             found.append(f"twisted.internet.tcp.Server.{name} (used by compat.write_now)")
+    server.stopReading()
     server.socket.close()
     peer.close()
     modules = _autobahn_modules()
-    for name in DEBUG_FORMATTERS[:2]:
+    for name in DEBUG_FORMATTERS:
         if not any(hasattr(m, name) for m in modules):
             found.append(f"autobahn.websocket.protocol.{name} (compat.quiet_autobahn_debug)")
     if not isinstance(getattr(WebSocketServerProtocol, "CONFIG_ATTRS", None), list):
         found.append("WebSocketServerProtocol.CONFIG_ATTRS (compat.protocol_with_options)")
-    for name in ("sendCloseFrame", "dropConnection", "_perMessageCompress", "send_queue"):
+    for name in (
+        "sendCloseFrame",
+        "dropConnection",
+        "sendHttpErrorResponse",
+        "_perMessageCompress",
+        "send_queue",
+        "wasClean",
+        "wasNotCleanReason",
+    ):
         if not hasattr(WebSocketServerProtocol, name) and name not in _instance_attrs():
             found.append(f"WebSocketServerProtocol.{name} (compat)")
     try:
@@ -221,5 +251,6 @@ def _instance_attrs() -> set[str]:
 
     proto = WebSocketServerProtocol()
     proto.factory = WebSocketServerFactory()
+    proto.factory.setProtocolOptions(openHandshakeTimeout=0)  # no timer left behind
     proto.makeConnection(StringTransport())
     return set(vars(proto))

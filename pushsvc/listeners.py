@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import Service
 from twisted.internet import endpoints, reactor
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 log = Logger()
 
@@ -74,33 +75,56 @@ def check_endpoint(option: str, value: str, interface: str | None = None) -> Non
         raise usage.UsageError(f"--{option} {value!r}: {reason}")
 
 
-class Listener(StreamServerEndpointService):
-    """A listening port with a role: logged by role and address, and a busy port said plainly."""
+class Listener(Service):
+    """A listening port with a role: logged by role and address, and a busy port said plainly.
 
-    def __init__(self, role: str, option: str, value: str, interface: str | None, factory: Any):
-        super().__init__(endpoints.serverFromString(reactor, endpoint(value, interface)), factory)
-        self._raiseSynchronously = True
+    It listens in ``privilegedStartService`` (before twistd drops privileges),
+    so a port below 1024 works, and a failure stops start-up at once.
+    """
+
+    def __init__(
+        self, role: str, option: str, value: str, interface: str | None, factory: Any
+    ) -> None:
+        self.endpoint = endpoints.serverFromString(reactor, endpoint(value, interface))
+        self.factory = factory
         self.role = role
         self.option = option
         self.value = value
+        self.port: Any = None
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            holder = who_holds(e.port) if isinstance(e.port, int) else None
-            held = f" (held by {holder})" if holder else ""
-            raise SystemExit(
-                f"twistd push: --{self.option} {self.value!r}: cannot listen on "
-                f"{e.interface or '*'}:{e.port}: {e.socketError}{held}"
-            ) from None
-        self._waitingForPort.addCallback(self._listening)
-
-    def _listening(self, port: Any) -> Any:
-        host = port.getHost()
+        super().privilegedStartService()
+        outcome: list[Any] = []
+        self.endpoint.listen(self.factory).addBoth(outcome.append)
+        if not outcome:  # no endpoint pushsvc takes listens later; refuse to guess
+            raise RuntimeError(f"--{self.option} {self.value!r} did not listen at once")
+        if isinstance(outcome[0], Failure):
+            self._failed(outcome[0])
+        self.port = outcome[0]
+        host = self.port.getHost()
         where = f"{host.host}:{host.port}" if hasattr(host, "port") else str(host.name)
         log.info("{role} on {where}", role=self.role, where=where)
-        return port
+
+    def _failed(self, failure: Failure) -> None:
+        error = failure.value
+        if not isinstance(error, CannotListenError):
+            failure.raiseException()
+        holder = who_holds(error.port) if isinstance(error.port, int) else None
+        held = f" (held by {holder})" if holder else ""
+        raise SystemExit(
+            f"twistd push: --{self.option} {self.value!r}: cannot listen on "
+            f"{error.interface or '*'}:{error.port}: {error.socketError}{held}"
+        )
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Any:
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
 
 
 def who_holds(port: int) -> str | None:

@@ -255,10 +255,10 @@ class PushServerProtocol(WebSocketServerProtocol):
         handshake timeout; a network event that strands thousands of browsers,
         or a drain whose clients vanished, would write a line for each.
         """
-        if self.wasClean or self.state == self.STATE_CLOSED:
+        reason = compat.unclean_drop(self)
+        if reason is None:
             super().dropConnection(abort)
             return
-        reason = self.wasNotCleanReason or "connection dropped"
         self.factory.ratelog.emit(
             "drop: " + reason,
             "dropped a WebSocket ({peer}): {reason}; {suppressed} more for this reason "
@@ -275,10 +275,7 @@ class PushServerProtocol(WebSocketServerProtocol):
         flood turns into a flood of log lines.
         """
         self.factory.refused(code, reason, self.peer)
-        self.wasNotCleanReason = reason
-        self.sendHttpErrorResponse(code, reason, responseHeaders)
-        self.wasClean = True  # a refusal is an orderly end: no per-connection warning
-        self.dropConnection(abort=False)
+        compat.refuse_handshake(self, code, reason, responseHeaders)
 
 
 class PushServerFactory(WebSocketServerFactory):

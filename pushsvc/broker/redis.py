@@ -61,7 +61,7 @@ def unreachable(failure: Any) -> Any:
 class _Gathering:
     """The answers to one fan-out: acks may arrive before PUBLISH's own reply."""
 
-    __slots__ = ("id", "total", "answer", "expected", "acks", "failed")
+    __slots__ = ("id", "total", "answer", "expected", "acks", "failed", "timer")
 
     def __init__(self, gathering_id: int) -> None:
         self.id = gathering_id
@@ -70,6 +70,7 @@ class _Gathering:
         self.expected: int | None = None  # other nodes that got it, once PUBLISH says
         self.acks = 0
         self.failed = False
+        self.timer: Any = None
 
     def acked(self, count: int) -> None:
         self.acks += 1
@@ -169,7 +170,7 @@ class RedisBroker:
             shard = self.shard_of(uid)
             d = shard.call("PUBLISH", UID + uid, message)
             # Our own subscription (if we hold the uid) counts as a receiver.
-            mine = 1 if UID + uid in shard.subscribed else 0
+            mine = 1 if shard.may_count_me(UID + uid) else 0
             d.addCallback(lambda n, mine=mine: max(0, n - mine))
             calls.append(d)
         d = defer.gatherResults(calls, consumeErrors=True)
@@ -180,7 +181,7 @@ class RedisBroker:
         gathering = _Gathering(next(self._ids))
         message = {"k": kind, "o": self.node, "i": gathering.id, "t": _now_ms(), **fields}
         self._waiting[gathering.id] = gathering
-        reactor.callLater(self.timeout, self._finish, gathering)
+        gathering.timer = reactor.callLater(self.timeout, self._finish, gathering)
 
         def published(receivers: int) -> None:
             gathering.expected = receivers - 1  # we receive our own message on ALL too
@@ -195,9 +196,16 @@ class RedisBroker:
         return gathering.answer
 
     def _finish(self, gathering: _Gathering) -> None:
+        """Answer: every ack is in, or the timeout came (late acks are not waited for).
+
+        Without PUBLISH's own reply nobody knows who got the message: that is
+        Redis not answering, not zero receivers.
+        """
         if self._waiting.pop(gathering.id, None) is None:
             return  # answered already
-        if gathering.failed:
+        if gathering.timer.active():
+            gathering.timer.cancel()
+        if gathering.failed or gathering.expected is None:
             gathering.answer.errback(Unavailable("Redis is unreachable"))
         else:
             gathering.answer.callback(gathering.total)

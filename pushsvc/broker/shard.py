@@ -127,6 +127,8 @@ class Shard:
         self._was_up = False
         # SUBSCRIBEs sent but not yet confirmed, and who waits for them (recovery).
         self._unconfirmed: set[str] = set()
+        # UNSUBSCRIBEs sent but not yet confirmed: Redis may still count us.
+        self._leaving: set[str] = set()
         self._waiters: dict[str, list[defer.Deferred[None]]] = {}
 
     def start(self) -> None:
@@ -158,6 +160,7 @@ class Shard:
         self.subscriber = proto
         self.subscribed = set()
         self._unconfirmed = set()
+        self._leaving = set()
         self._to_unsubscribe.clear()
         self._to_subscribe = set(self._wanted(self))
         self._flush()
@@ -167,6 +170,7 @@ class Shard:
         if self.subscriber is proto:
             self.subscriber = None
             self.subscribed = set()
+            self._leaving = set()
             self._state_changed()
 
     def _state_changed(self) -> None:
@@ -215,7 +219,10 @@ class Shard:
             d.addCallbacks(self._confirmed, self._subscribe_failed, callbackArgs=(batch,))
         for batch in _batches(removing):
             self.subscribed.difference_update(batch)
-            sub.unsubscribe(batch).addErrback(self._subscribe_failed)
+            self._leaving.update(batch)
+            d = sub.unsubscribe(batch)
+            d.addErrback(self._subscribe_failed)
+            d.addBoth(lambda _, batch=batch: self._leaving.difference_update(batch))
 
     def _confirmed(self, _: object, batch: list[str]) -> None:
         # Redis runs one SUBSCRIBE for the whole batch: its first reply means all of it.
@@ -224,6 +231,15 @@ class Shard:
             for waiter in self._waiters.pop(channel, ()):
                 if not waiter.called:
                     waiter.callback(None)
+
+    def may_count_me(self, channel: str) -> bool:
+        """Whether PUBLISH's receiver count on ``channel`` may include this node.
+
+        While an UNSUBSCRIBE is on its way Redis may still count us; counting
+        ourselves out then can only turn an ``ok`` into a ``fail``, never the
+        reverse.
+        """
+        return channel in self.subscribed or channel in self._leaving
 
     def when_subscribed(self, channel: str) -> defer.Deferred[None] | None:
         """Fires once ``channel``'s messages reach this node (None: already; bounded)."""
