@@ -39,6 +39,8 @@ class Metrics:
         self.backend_connections = 0
         self.disconnects: Counter[str] = Counter()
         self.handshake_refusals: Counter[str] = Counter()  # by HTTP status (403, 429, 503...)
+        # Whatever a peer sent that was refused, by kind (docs/security.md lists the kinds).
+        self.rejected: Counter[str] = Counter()
         self._push_counts = [0] * (len(PUSH_BUCKETS) + 1)
         self._push_sum = 0.0
 
@@ -122,6 +124,12 @@ class MetricsCollector:
             "Connections closed by pushsvc, by reason.",
             "reason",
             m.disconnects,
+        )
+        yield _labeled(
+            "pushsvc_rejected",
+            "Input refused from peers, by reason (bad tokens, oversized handshakes...).",
+            "reason",
+            m.rejected,
         )
         yield _labeled(
             "pushsvc_handshake_refusals",
