@@ -100,7 +100,7 @@ class BackendProtocol(LineReceiver):
         # Until the first line authenticates (with a secret configured), lines
         # go to _first_line; after a refusal, to nothing.
         self.authenticated = self.gate.secret is None
-        self.refused = False
+        self.closing = False
         self._partial = b""
         self._discarding = False  # inside an over-long line, until its newline
         self._waiting: deque[list[bytes | None]] | None = None
@@ -146,7 +146,7 @@ class BackendProtocol(LineReceiver):
 
     def lineReceived(self, line: bytes) -> bytes | Deferred[bytes]:
         """Answer one request line (without its newline)."""
-        if self.refused:
+        if self.closing:
             return b""  # the connection is closing: no more replies
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -158,19 +158,19 @@ class BackendProtocol(LineReceiver):
             request = jsoncodec.loads(line)
         except orjson.JSONDecodeError as e:
             return error_line(decode_error(line, e))
+        return commands.serve(self.node, request, None, self)
+
+    def answered(self, cmd: commands.Command, result: dict, request: Any) -> bytes:
+        return result_line(cmd, result, commands.request_id(request))
+
+    def refused(self, error: BaseException, request: Any) -> bytes:
         rid = commands.request_id(request)
-
-        def failed(error: BaseException) -> bytes:
-            if isinstance(error, UnknownCommand) and is_auth_request(request):
-                # Not a command: the backend port's own.  ``ok`` without a secret,
-                # so that backends can send it before the service requires it.
-                ok = self.gate.check(request)  # type: ignore[arg-type]
-                return ok_line(rid) if ok else error_line("authentication failed", rid)
-            return error_line(describe(error)[1], rid)
-
-        return commands.serve(
-            self.node, request, None, lambda cmd, r: result_line(cmd, r, rid), failed
-        )
+        if isinstance(error, UnknownCommand) and is_auth_request(request):
+            # Not a command: the backend port's own.  ``ok`` without a secret,
+            # so that backends can send it before the service requires it.
+            ok = self.gate.check(request)
+            return ok_line(rid) if ok else error_line("authentication failed", rid)
+        return error_line(describe(error)[1], rid)
 
     def _first_line(self, line: bytes) -> bytes:
         """With a backend secret: the first line must be ``{"cmd":"auth","secret":...}``.
@@ -198,7 +198,7 @@ class BackendProtocol(LineReceiver):
 
     def _refuse(self, reply: bytes) -> bytes:
         """Answer ``reply``, then close once it is written; later lines get nothing."""
-        self.refused = True
+        self.closing = True
         reactor.callLater(0, self.transport.loseConnection)  # after this read's replies
         return reply
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from time import perf_counter
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -91,45 +91,50 @@ def request_id(request: object) -> Any:
     return None
 
 
-def execute(node: Node, request: object, name: str | None = None) -> tuple[Command, Reply]:
-    """Run a decoded request; raises RequestError for anything invalid."""
-    cmd = lookup(request, name)
-    if not cmd.delivery:
-        return cmd, cmd.handler(node, request)  # type: ignore[arg-type]
-    started = perf_counter()
-    try:
-        result = cmd.handler(node, request)  # type: ignore[arg-type]
-    except RequestError:
-        node.metrics.pushes["error"] += 1
-        raise
-    node.metrics.observe_push(perf_counter() - started)
-    return cmd, result
+class Answering(Protocol[T]):
+    """A transport's side of :func:`serve`: how it words a result and an error."""
+
+    def answered(self, cmd: Command, result: Result, request: Any) -> T: ...
+
+    def refused(self, error: BaseException, request: Any) -> T: ...
 
 
-def serve(
-    node: Node,
-    request: object,
-    name: str | None,
-    done: Callable[[Command, Result], T],
-    failed: Callable[[BaseException], T],
-) -> T | Any:
-    """Run a request and turn its outcome into a transport's reply, now or when it is known.
+def serve(node: Node, request: object, name: str | None, to: Answering[T]) -> T | Any:
+    """Run a request and turn its outcome into ``to``'s reply, now or when it is known.
 
     Every transport answers through here, so an error maps to the same reply
     everywhere (pushsvc.errors) and only a bug (an error that is not a
-    request error) is logged, once, with its traceback.
+    request error) is logged, once, with its traceback.  The transports'
+    methods are passed, not closures: nothing is allocated per request on
+    the way to a synchronous answer.
     """
     try:
-        cmd, result = execute(node, request, name)
+        cmd = lookup(request, name)
+        if cmd.delivery:  # timed for the push histogram; errors counted
+            started = perf_counter()
+            try:
+                result = cmd.handler(node, request)  # type: ignore[arg-type]
+            except RequestError:
+                node.metrics.pushes["error"] += 1
+                raise
+            node.metrics.observe_push(perf_counter() - started)
+        else:
+            result = cmd.handler(node, request)  # type: ignore[arg-type]
     except Exception as e:
-        return _failed(e, failed)
-    return settle(result, lambda r: done(cmd, r), lambda e: _failed(e, failed))
+        return _refused(e, request, to)
+    if type(result) is dict:
+        return to.answered(cmd, result, request)
+    return settle(
+        result,
+        lambda r: to.answered(cmd, r, request),
+        lambda e: _refused(e, request, to),
+    )
 
 
-def _failed(error: BaseException, failed: Callable[[BaseException], T]) -> T:
+def _refused(error: BaseException, request: object, to: Answering[T]) -> T:
     if describe(error)[0] == 500:
         log.failure("command failed", _failure(error))
-    return failed(error)
+    return to.refused(error, request)
 
 
 def _failure(error: BaseException) -> Failure:
@@ -137,6 +142,7 @@ def _failure(error: BaseException) -> Failure:
 
 
 def delivered(reached: int, node: Node) -> Result:
+    """A push's answer, counted in pushsvc_pushes_total (broadcasts are counted apart)."""
     node.metrics.pushes["delivered" if reached else "offline"] += 1
     return {"ok": reached > 0, "delivered": reached}
 
@@ -225,6 +231,7 @@ def done(_: object) -> Result:
 
 
 def delivery(reached: int) -> Result:
+    """A broadcast's answer (the shape of a push's, without counting it as one)."""
     return {"ok": reached > 0, "delivered": reached}
 
 

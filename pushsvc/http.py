@@ -38,6 +38,12 @@ class LimitedRequest(server.Request):
     too_large = False
     _received = 0
 
+    def setHeader(self, name: bytes | str, value: bytes | str) -> None:
+        """``Server: pushsvc``: no library name and version for scanners to match."""
+        if isinstance(name, (bytes, str)) and name.lower() in (b"server", "server"):
+            value = b"pushsvc"
+        super().setHeader(name, value)
+
     def gotLength(self, length: int | None) -> None:
         limit = self.channel.site.max_body
         if length is not None and length > limit:
@@ -129,21 +135,22 @@ class ApiResource(resource.Resource):
             payload = jsoncodec.loads(body) if body.strip() else {}
         except orjson.JSONDecodeError as e:
             return reply(request, 400, {"ok": False, "error": f"invalid JSON: {e}"})
-        rid = commands.request_id(payload)
-
-        def done(cmd: commands.Command, result: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-            return 200, result if rid is None else {"id": rid, **result}
-
-        def failed(error: BaseException) -> tuple[int, dict[str, Any]]:
-            status, reason = describe(error)
-            return status, error_body(reason, rid if status != 404 else None)
-
-        answer = commands.serve(self.node, payload, name, done, failed)
+        answer = commands.serve(self.node, payload, name, self)
         if isinstance(answer, Deferred):
             gone = _watch(request)
             answer.addCallback(lambda a: gone or _finish(request, *a))
             return server.NOT_DONE_YET
         return reply(request, *answer)
+
+    def answered(
+        self, cmd: commands.Command, result: dict[str, Any], payload: Any
+    ) -> tuple[int, dict[str, Any]]:
+        rid = commands.request_id(payload)
+        return 200, result if rid is None else {"id": rid, **result}
+
+    def refused(self, error: BaseException, payload: Any) -> tuple[int, dict[str, Any]]:
+        status, reason = describe(error)
+        return status, error_body(reason, commands.request_id(payload) if status != 404 else None)
 
 
 def _watch(request: server.Request) -> list[bool]:

@@ -161,13 +161,19 @@ class Hub:
 
     # -- delivery ------------------------------------------------------------
 
-    def push(self, uids: Iterable[str], frame: Frame) -> int:
-        """Deliver ``frame`` to every connection of each uid; how many."""
+    def push(self, uids: Iterable[str], frame: Frame | bytes) -> int:
+        """Deliver ``frame`` to every connection of each uid; how many.
+
+        Given bytes, the Frame is made only once someone is found: an offline
+        push allocates nothing.
+        """
         reached = 0
         by_uid = self._by_uid
         for uid in uids:
             conns = by_uid.get(uid)
             if conns:
+                if type(frame) is bytes:
+                    frame = Frame(frame)
                 for conn in conns:
                     conn.deliver(frame)
                 reached += len(conns)

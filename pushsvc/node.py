@@ -121,9 +121,29 @@ class Node(Service):
 
     # -- delivery (the command model) ------------------------------------------
 
-    def push(self, uids: list[str], payload: bytes) -> int | Any:
-        """Send to every connection of each uid, anywhere; how many were reached."""
-        return self._push_frame(uids, Frame(payload), payload)
+    def push(
+        self,
+        uids: list[str],
+        payload: bytes,
+        frame: Frame | None = None,
+        position: tuple[str, int, str] | None = None,
+    ) -> int | Any:
+        """Send to every connection of each uid, anywhere; how many were reached.
+
+        Answered from local deliveries at once when there are any; otherwise
+        the broker's count says whether another node holds the uid.  A stored
+        push gives its ``frame`` (envelope and plain twin) and ``position``.
+        """
+        reached = self.hub.push(uids, payload if frame is None else frame)
+        if reached:
+            self._sent(reached, len(payload if frame is None else frame.data))
+        remote = self.broker.publish(uids, payload, position)
+        if type(remote) is int:
+            return reached + remote
+        if reached:  # answered ok now; Redis trouble is logged by the broker
+            remote.addErrback(_ignored)
+            return reached
+        return remote
 
     def push_groups(
         self, groups: list[str], payload: bytes, exclude: Collection[str] = NOBODY
@@ -143,22 +163,6 @@ class Node(Service):
         self.metrics.disconnects["backend"] += closed
         fields = {"uids": uids, "code": code, "reason": reason}
         return _plus(closed, self.broker.fan_out("disconnect", fields))
-
-    def _push_frame(
-        self,
-        uids: list[str],
-        frame: Frame,
-        payload: bytes,
-        position: tuple[str, int, str] | None = None,
-    ) -> int | Any:
-        reached = self._sent(self.hub.push(uids, frame), len(frame.data))
-        remote = self.broker.publish(uids, payload, position)
-        if type(remote) is int:
-            return reached + remote
-        if reached:  # answered ok now; Redis trouble is logged by the broker
-            remote.addErrback(_ignored)
-            return reached
-        return remote
 
     def _push_groups_frame(
         self,
@@ -196,7 +200,7 @@ class Node(Service):
                     payload,
                     ttl,
                     (),
-                    lambda frame, pos, uid=uid: self._push_frame([uid], frame, payload, pos),
+                    lambda frame, pos, uid=uid: self.push([uid], payload, frame, pos),
                     lambda frame, uid=uid: self._sent(self.hub.push([uid], frame), len(payload)),
                 )
                 for uid in uids

@@ -303,7 +303,7 @@ class PushServerFactory(WebSocketServerFactory):
         allowed_origins: OriginPolicy | None = None,
         trust_x_forwarded_for: int = 0,
     ) -> None:
-        super().__init__(url)
+        super().__init__(url, server="pushsvc")  # no library version in the 101 response
         self.node = node
         self.authenticator = authenticator
         self.auth_timeout = auth_timeout

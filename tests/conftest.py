@@ -15,7 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,20 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.update(extra or {})
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+def new_uid(prefix: str = "u") -> str:
+    """A uid no other test uses, so tests can share a server."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def until(predicate: Callable[[], object], timeout: float = 5.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not reached within {timeout} s")
+        time.sleep(0.02)
 
 
 class PushServer:
@@ -110,6 +125,11 @@ class PushServer:
 
     def backend(self) -> Backend:
         return Backend(self.text_port)
+
+    def call(self, request: dict) -> dict:
+        """One request with an ``id`` on a fresh backend connection; its JSON reply."""
+        with self.backend() as b:
+            return b.json(json.dumps({"id": 1, **request}))
 
     def wait_for(self, predicate, timeout: float = 5.0) -> None:
         """Poll the service (through its own stats command) until predicate(stats) holds."""
@@ -221,3 +241,29 @@ def ws_clients() -> Iterator[list[ClientConnection]]:
     yield clients
     for c in clients:
         c.close()
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator:
+    """A redis-server of the test's own on a free port (skipped outside CI without one)."""
+    from redis_server import RedisServer, require_redis
+
+    require_redis()
+    server = RedisServer(tmp_path)
+    yield server
+    server.kill()
+
+
+def redis_connected(node: PushServer, redis, times: int = 1, timeout: float = 20) -> None:
+    """Wait until ``node`` has logged its ``times``-th connection to ``redis``."""
+    needle = f"Redis 127.0.0.1:{redis.port} connected"
+    until(lambda: node.log().count(needle) >= times, timeout, f"{needle!r} x{times}")
+
+
+def cluster_node(start_server, redis, *extra: str) -> PushServer:
+    """A node of a cluster on ``redis``, with short heartbeats and timeouts for tests."""
+    node = start_server(
+        f"--redis={redis.url}", "--cluster-heartbeat=0.3", "--redis-timeout=0.5", *extra
+    )
+    redis_connected(node, redis)
+    return node

@@ -5,14 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 
 import pytest
-from conftest import PushServer, child_env, free_port
-
-
-def uid() -> str:
-    return "cli-" + uuid.uuid4().hex[:12]
+from conftest import PushServer, child_env, free_port, new_uid
 
 
 def pushsvc(
@@ -43,7 +38,7 @@ def online_ws(server: PushServer, ws_clients: list, user: str):
 
 
 def test_push_delivered(server: PushServer, port: str, ws_clients) -> None:
-    user = uid()
+    user = new_uid("cli")
     ws = online_ws(server, ws_clients, user)
     proc = pushsvc(port, "push", user, "hello there")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "ok\n", "")
@@ -51,12 +46,12 @@ def test_push_delivered(server: PushServer, port: str, ws_clients) -> None:
 
 
 def test_push_not_delivered(port: str) -> None:
-    proc = pushsvc(port, "push", uid(), "x")
+    proc = pushsvc(port, "push", new_uid("cli"), "x")
     assert (proc.returncode, proc.stdout) == (1, "fail\n")
 
 
 def test_push_data_as_text_or_json(server: PushServer, port: str, ws_clients) -> None:
-    user = uid()
+    user = new_uid("cli")
     ws = online_ws(server, ws_clients, user)
     assert pushsvc(port, "push", user, '{"a": 1}').returncode == 0
     assert pushsvc(port, "push", user, '{"a": 1}', "--json").returncode == 0
@@ -71,7 +66,7 @@ def test_push_data_as_text_or_json(server: PushServer, port: str, ws_clients) ->
 
 
 def test_invalid_json_data_is_a_usage_error(port: str) -> None:
-    proc = pushsvc(port, "push", uid(), "{not json", "--json")
+    proc = pushsvc(port, "push", new_uid("cli"), "{not json", "--json")
     assert proc.returncode == 2
     assert "not valid JSON" in proc.stderr and proc.stdout == ""
 
@@ -92,7 +87,7 @@ def test_broadcast(start_server) -> None:
 
 
 def test_online(server: PushServer, port: str, ws_clients) -> None:
-    user, nobody = uid(), uid()
+    user, nobody = new_uid("cli"), new_uid("cli")
     online_ws(server, ws_clients, user)
     proc = pushsvc(port, "online", user)
     assert proc.returncode == 0 and json.loads(proc.stdout) == {user: True}
@@ -157,7 +152,7 @@ def test_help_lists_the_subcommands() -> None:
 
 
 def test_push_to_a_group(server: PushServer, port: str, ws_clients) -> None:
-    user, group = uid(), "grp-" + uid()
+    user, group = new_uid("cli"), "grp-" + new_uid("cli")
     ws = online_ws(server, ws_clients, user)
     from pushsvc.client import Client
 
@@ -166,4 +161,4 @@ def test_push_to_a_group(server: PushServer, port: str, ws_clients) -> None:
     proc = pushsvc(port, "push", "--group", group, "to the group")
     assert (proc.returncode, proc.stdout) == (0, "ok\n")
     assert ws.recv(timeout=5) == "to the group"
-    assert pushsvc(port, "push", "--group", "grp-" + uid(), "x").returncode == 1
+    assert pushsvc(port, "push", "--group", "grp-" + new_uid("cli"), "x").returncode == 1

@@ -8,11 +8,10 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import PushServer, child_env, free_port
+from conftest import PushServer, child_env, free_port, new_uid
 
 from pushsvc.client import (
     Client,
@@ -23,10 +22,6 @@ from pushsvc.client import (
     RequestRejected,
     parse_address,
 )
-
-
-def uid() -> str:
-    return "c-" + uuid.uuid4().hex[:12]
 
 
 @pytest.fixture
@@ -46,7 +41,7 @@ def connect_ws(server: PushServer, ws_clients: list, user: str):
 
 
 def test_push_to_an_online_uid(server: PushServer, client: Client, ws_clients) -> None:
-    user = uid()
+    user = new_uid("c")
     ws = connect_ws(server, ws_clients, user)
     assert client.push(user, "hello") == 1
     assert client.push(user, {"task": 7, "percent": 88}) == 1
@@ -55,12 +50,12 @@ def test_push_to_an_online_uid(server: PushServer, client: Client, ws_clients) -
 
 
 def test_push_to_an_offline_uid_is_not_an_error(client: Client) -> None:
-    assert client.push(uid(), "x") == 0
-    assert client.request({"uid": uid(), "data": "x"}) == {"ok": False, "delivered": 0}
+    assert client.push(new_uid("c"), "x") == 0
+    assert client.request({"uid": new_uid("c"), "data": "x"}) == {"ok": False, "delivered": 0}
 
 
 def test_pipelined_batch_of_500(server: PushServer, client: Client, ws_clients) -> None:
-    user = uid()
+    user = new_uid("c")
     ws = connect_ws(server, ws_clients, user)
     pushes = [(user if i % 3 else "offline-" + user, str(i)) for i in range(500)]
     assert client.push_many(pushes) == [1 if i % 3 else 0 for i in range(500)]
@@ -92,13 +87,13 @@ def test_one_write_per_batch(server: PushServer) -> None:
     with Client(port=server.text_port) as c:
         c.connect()
         counting = c._sock = CountingSocket(c._sock)  # type: ignore[assignment,arg-type]
-        c.push_many([(uid(), i) for i in range(500)])
+        c.push_many([(new_uid("c"), i) for i in range(500)])
         assert counting.writes == 1
 
 
 def test_online_and_stats(start_server, ws_clients) -> None:
     server = start_server()  # its own server: the counts are exact
-    user, nobody = uid(), uid()
+    user, nobody = new_uid("c"), new_uid("c")
     connect_ws(server, ws_clients, user)
     ws_clients.append(server.ws())  # connected, not identified yet
     server.wait_for(lambda s: s["pending"] == 1)
@@ -146,7 +141,7 @@ def test_rejected_request_raises_and_keeps_the_connection(client: Client) -> Non
 
 
 def test_rejected_request_in_a_batch(server: PushServer, client: Client, ws_clients) -> None:
-    user = uid()
+    user = new_uid("c")
     ws = connect_ws(server, ws_clients, user)
     batch = [{"uid": user, "data": "a"}, {"uid": 5, "data": "b"}, {"uid": user, "data": "c"}]
     with pytest.raises(RequestRejected) as info:
@@ -164,18 +159,18 @@ def test_overlong_line_is_rejected(start_server) -> None:
     server = start_server("--max-line=200")
     with Client(port=server.text_port) as c:
         with pytest.raises(RequestRejected, match="line longer than 200 bytes"):
-            c.push(uid(), "x" * 500)
-        assert c.push(uid(), "short") == 0
+            c.push(new_uid("c"), "x" * 500)
+        assert c.push(new_uid("c"), "short") == 0
 
 
 def test_invalid_values_are_refused_before_sending(client: Client) -> None:
     with pytest.raises(ValueError):
-        client.push(uid(), float("nan"))
+        client.push(new_uid("c"), float("nan"))
     with pytest.raises(TypeError):
-        client.push(uid(), object())
+        client.push(new_uid("c"), object())
     with pytest.raises(TypeError):
-        client.push(uid())  # no data
-    assert client.push(uid(), None) == 0  # null is data
+        client.push(new_uid("c"))  # no data
+    assert client.push(new_uid("c"), None) == 0  # null is data
 
 
 def test_unreachable_service(tmp_path) -> None:
@@ -195,7 +190,7 @@ def test_unreachable_service(tmp_path) -> None:
 def test_reconnects_after_a_restart_on_the_same_port(start_server, ws_clients) -> None:
     first = start_server()
     port = first.text_port
-    user = uid()
+    user = new_uid("c")
     ws_clients.append(first.ws(user))
     first.wait_for(lambda s: s["pending"] == 0)
     # retries=0: the dead connection must be noticed before writing, not
@@ -376,7 +371,7 @@ def fails_fast(port: int, batch: int = 1) -> ProtocolError:
     """The ProtocolError a client with the default 5 s timeout gets within a second."""
     started = time.monotonic()
     with Client(port=port, retry_delay=0) as c, pytest.raises(ProtocolError) as info:
-        c.push_many([(uid(), "x" * 50)] * batch)
+        c.push_many([(new_uid("c"), "x" * 50)] * batch)
     assert time.monotonic() - started < 1, "not within a second"
     assert c._sock is None  # out of sync: dropped
     return info.value
@@ -416,7 +411,7 @@ def test_a_silent_port_times_out_and_says_nothing_came_back(server: PushServer) 
     with Client(port=server.ws_port, timeout=0.5) as c:
         started = time.monotonic()
         with pytest.raises(PushTimeout, match="nothing came back at all"):
-            c.push(uid(), "x")
+            c.push(new_uid("c"), "x")
         assert time.monotonic() - started < 3
 
 
@@ -459,12 +454,12 @@ def test_context_manager_and_close(server: PushServer) -> None:
 
 
 def test_threads_may_share_a_client(server: PushServer, client: Client, ws_clients) -> None:
-    user = uid()
+    user = new_uid("c")
     ws = connect_ws(server, ws_clients, user)
     results: dict[int, list[int]] = {}
 
     def work(n: int) -> None:
-        results[n] = [client.push(user if i % 2 else uid(), i) for i in range(50)]
+        results[n] = [client.push(user if i % 2 else new_uid("c"), i) for i in range(50)]
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
     for t in threads:
@@ -505,7 +500,7 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 
 def test_groups_and_exclude(server: PushServer, client: Client, ws_clients) -> None:
-    a, b, group = uid(), uid(), "g-" + uid()
+    a, b, group = new_uid("c"), new_uid("c"), "g-" + new_uid("c")
     ws_a = connect_ws(server, ws_clients, a)
     ws_b = connect_ws(server, ws_clients, b)
     client.join([a, b], group)
@@ -537,7 +532,7 @@ def test_broadcast_with_exclude(start_server) -> None:
 def test_disconnect(server: PushServer, client: Client) -> None:
     from websockets.exceptions import ConnectionClosed
 
-    user = uid()
+    user = new_uid("c")
     tabs = [server.ws(user), server.ws(user)]
     server.wait_for(lambda s: s["pending"] == 0)
     assert client.disconnect(user, code=4100, reason="bye") == 2

@@ -25,13 +25,15 @@ import ssl
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from certificate import self_signed
-from conftest import ROOT, STARTING, TWISTD, Backend, PushServer, child_env, free_port
+from conftest import ROOT, STARTING, TWISTD, Backend, PushServer, child_env, free_port, until
 from test_auth import closed_with, token
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
@@ -48,15 +50,6 @@ def require_nginx() -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{NGINX} is not installed (.ci/run installs it)")
         pytest.skip(f"{NGINX} is missing: apt-get install nginx")
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll ``predicate`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.02)
 
 
 def substitute(text: str, old: str, new: str, source: Path) -> str:
@@ -390,6 +383,7 @@ class UnitRun:
     log: Path
     ports: dict[str, tuple[str, int]]  # option -> (interface, port)
     secret: str
+    api_key: str
 
     def listening(self) -> dict[str, int]:
         found = dict((n.decode(), int(p)) for n, p in STARTING.findall(self.log.read_bytes()))
@@ -415,15 +409,20 @@ def run_unit(base: Path, user: pwd.struct_passwd | None = None) -> UnitRun:
     etc.mkdir(mode=0o750)
     state.mkdir()
     secret = base64.b64encode(os.urandom(32)).decode()
+    api_key = base64.b64encode(os.urandom(32)).decode()
     (etc / "secret").write_text(secret + "\n")
-    os.chmod(etc / "secret", 0o640)
+    (etc / "api-key").write_text(api_key + "\n")
+    for name in ("secret", "api-key"):
+        os.chmod(etc / name, 0o640)
+        if user is not None:
+            os.chown(etc / name, 0, user.pw_gid)
     if user is not None:
         os.chown(etc, 0, user.pw_gid)
-        os.chown(etc / "secret", 0, user.pw_gid)
         os.chown(state, user.pw_uid, user.pw_gid)  # what StateDirectory= does
     ports = {option: (iface, free_port()) for option, (iface, _) in declared.items()}
     line = substitute(line, "/opt/pushsvc/venv/bin/twistd", shlex.quote(TWISTD), UNIT)
     line = substitute(line, "/etc/pushsvc/secret", shlex.quote(str(etc / "secret")), UNIT)
+    line = substitute(line, "/etc/pushsvc/api-key", shlex.quote(str(etc / "api-key")), UNIT)
     for option, (_, port) in declared.items():
         line = substitute(line, f"tcp:{port}:", f"tcp:{ports[option][1]}:", UNIT)
     assert settings["WorkingDirectory"] == "/var/lib/pushsvc", settings["WorkingDirectory"]
@@ -441,7 +440,18 @@ def run_unit(base: Path, user: pwd.struct_passwd | None = None) -> UnitRun:
         proc = subprocess.Popen(
             argv, cwd=state, env=child_env(), stdout=out, stderr=subprocess.STDOUT
         )
-    return UnitRun(proc, log, ports, secret)
+    return UnitRun(proc, log, ports, secret, api_key)
+
+
+def api_status(http: str, key: str | None) -> int:
+    """The status of POST /api/stats with ``key`` as its bearer token (or none)."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    req = urllib.request.Request(http + "/api/stats", b"{}", headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status
+    except urllib.error.HTTPError as e:
+        return e.code
 
 
 def success_statuses(settings: dict[str, str]) -> set[int]:
@@ -456,7 +466,7 @@ def check_unit_run(run: UnitRun) -> None:
     """It listens where the unit says, serves with the secret file, stops as it declares."""
     settings = unit_settings(UNIT)
     try:
-        wait_until(lambda: len(run.listening()) == 3 or run.proc.poll() is not None, "listening")
+        until(lambda: len(run.listening()) == 3 or run.proc.poll() is not None, 10.0, "listening")
         assert run.proc.poll() is None, run.log.read_text()
         assert run.listening() == {option: port for option, (_, port) in run.ports.items()}
         for iface, port in run.ports.values():
@@ -469,9 +479,15 @@ def check_unit_run(run: UnitRun) -> None:
         ws = connect(f"ws://127.0.0.1:{ws_port}/", open_timeout=5)
         ws.send(token("unit-user", secret=run.secret))
         with Backend(text_port) as b:
-            wait_until(lambda: b.json('{"cmd":"stats"}')["connections"] == 1, "authenticated")
+            until(lambda: b.json('{"cmd":"stats"}')["connections"] == 1, 10.0, "authenticated")
             assert b.request('{"uid":"unit-user","data":"from the unit"}') == b"ok"
         assert ws.recv(timeout=5) == "from the unit"
+        # The HTTP API wants the key in api-key; /healthz does not.
+        http = f"http://127.0.0.1:{run.ports['--http-port'][1]}"
+        assert api_status(http, None) == 401
+        assert api_status(http, run.api_key) == 200
+        with urllib.request.urlopen(http + "/healthz", timeout=5) as health:
+            assert health.status == 200
         run.proc.send_signal(signal.Signals[settings["KillSignal"]])
         assert closed_with(ws) == (1001, "server shutting down")
         status = run.proc.wait(float(settings["TimeoutStopSec"]))

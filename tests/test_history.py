@@ -7,16 +7,9 @@ import random
 import threading
 import time
 import urllib.request
-import uuid
 
 import pytest
-from conftest import PushServer
-from redis_server import RedisServer, require_redis
-from test_cluster import connected
-
-
-def uid() -> str:
-    return "h-" + uuid.uuid4().hex[:10]
+from conftest import PushServer, cluster_node, new_uid
 
 
 def hello(user: str, since: dict | None = None) -> str:
@@ -40,29 +33,8 @@ def nothing_before_marker(server: PushServer, ws, user: str) -> None:
     assert ws.recv(timeout=5) == "marker"
 
 
-def call(node: PushServer, request: dict) -> dict:
-    with node.backend() as b:
-        return b.json(json.dumps({"id": 1, **request}))
-
-
-@pytest.fixture
-def redis(tmp_path) -> RedisServer:
-    require_redis()
-    server = RedisServer(tmp_path)
-    yield server
-    server.kill()
-
-
-def redis_node(start_server, redis: RedisServer, *extra: str) -> PushServer:
-    n = start_server(
-        f"--redis={redis.url}", "--cluster-heartbeat=0.3", "--redis-timeout=0.5", *extra
-    )
-    connected(n, redis)
-    return n
-
-
 def test_offline_uid_catches_up_in_order(server: PushServer, ws_clients) -> None:
-    user = uid()
+    user = new_uid("h")
     ch = "u:" + user
     with server.backend() as b:
         replies = [b.request(json.dumps({"uid": user, "data": d, "ttl": 60})) for d in "abc"]
@@ -86,7 +58,7 @@ def test_offline_uid_catches_up_in_order(server: PushServer, ws_clients) -> None
     ]
     assert got[-1] == {"pushsvc": "recovery", "ch": ch, "recovered": True, "off": 4, "ep": epoch}
     # Live pushes with a ttl carry their position; the plain connection gets them too.
-    assert call(server, {"uid": user, "data": "live", "ttl": 60})["delivered"] == 2
+    assert server.call({"uid": user, "data": "live", "ttl": 60})["delivered"] == 2
     live = json.loads(ws.recv(timeout=5))
     assert (live["ch"], live["off"], live["ep"], live["data"]) == (ch, 5, epoch, "live")
     assert json.loads(plain.recv(timeout=5))["off"] == 5  # its first frame: nothing replayed
@@ -95,7 +67,7 @@ def test_offline_uid_catches_up_in_order(server: PushServer, ws_clients) -> None
         assert b.request(json.dumps({"uid": user, "data": "plain"})) == b"ok"
     assert ws.recv(timeout=5) == "plain"
     # Another uid's channel is not ours to read: ignored.
-    stranger = uid()
+    stranger = new_uid("h")
     other = server.ws(hello(stranger, {ch: [0, None]}))
     ws_clients.append(other)
     nothing_before_marker(server, other, stranger)
@@ -104,9 +76,9 @@ def test_offline_uid_catches_up_in_order(server: PushServer, ws_clients) -> None
 def test_overflow_is_reported_not_replayed(start_server, ws_clients) -> None:
     """(Expiry, reported the same way, is tested with a clock in test_history_unit.py.)"""
     server = start_server("--history-size=3")
-    full = uid()
+    full = new_uid("h")
     for i in range(5):
-        epoch = call(server, {"uid": full, "data": str(i), "ttl": 60})["ep"]
+        epoch = server.call({"uid": full, "data": str(i), "ttl": 60})["ep"]
     ws = server.ws(hello(full, {f"u:{full}": [1, None]}))
     ws_clients.append(ws)
     assert replay(ws) == [
@@ -115,10 +87,10 @@ def test_overflow_is_reported_not_replayed(start_server, ws_clients) -> None:
 
 
 def test_groups_keep_history_and_respect_exclude(server: PushServer, ws_clients) -> None:
-    ann, bob, room = uid(), uid(), "room-" + uid()
-    call(server, {"cmd": "join", "uid": [ann, bob], "group": room})
-    assert call(server, {"group": room, "data": "from ann", "exclude": ann, "ttl": 60})["queued"]
-    assert call(server, {"group": room, "data": "to all", "ttl": 60})["off"] == 2
+    ann, bob, room = new_uid("h"), new_uid("h"), "room-" + new_uid("h")
+    server.call({"cmd": "join", "uid": [ann, bob], "group": room})
+    assert server.call({"group": room, "data": "from ann", "exclude": ann, "ttl": 60})["queued"]
+    assert server.call({"group": room, "data": "to all", "ttl": 60})["off"] == 2
     since = {f"g:{room}": [0, None]}
     got = {}
     for user in (ann, bob):
@@ -129,7 +101,7 @@ def test_groups_keep_history_and_respect_exclude(server: PushServer, ws_clients)
     assert [f.get("data") for f in got[ann]] == ["to all", None]  # not what ann sent herself
     assert got[ann][-1]["recovered"] and got[ann][-1]["off"] == 2
     # A group the uid is not in is not replayed.
-    stranger = uid()
+    stranger = new_uid("h")
     ws = server.ws(hello(stranger, since))
     ws_clients.append(ws)
     nothing_before_marker(server, ws, stranger)
@@ -145,7 +117,7 @@ def test_ttl_validation_and_the_http_api(server: PushServer) -> None:
         assert b.request('{"cmd":"broadcast","data":"d","ttl":5}').startswith(b"error broadcast")
     req = urllib.request.Request(
         server.http_url + "/api/push",
-        data=json.dumps({"uid": uid(), "data": "x", "ttl": 30}).encode(),
+        data=json.dumps({"uid": new_uid("h"), "data": "x", "ttl": 30}).encode(),
         method="POST",
     )
     with urllib.request.urlopen(req, timeout=5) as resp:
@@ -166,7 +138,7 @@ def race(nodes: list[PushServer], pusher: PushServer, n: int = 150) -> None:
     Every reconnect sends the last position seen; the offsets received must be
     exactly 1..n, whatever the pushes did meanwhile.
     """
-    user = uid()
+    user = new_uid("h")
     ch = "u:" + user
     done = threading.Event()
 
@@ -218,14 +190,14 @@ def test_reconnects_racing_pushes_lose_and_duplicate_nothing(server: PushServer)
 
 
 def test_reconnects_racing_pushes_with_redis(start_server, redis) -> None:
-    node = redis_node(start_server, redis)
+    node = cluster_node(start_server, redis)
     race([node], node)
 
 
 def test_two_nodes_share_the_history(start_server, redis, ws_clients) -> None:
-    a, b = redis_node(start_server, redis), redis_node(start_server, redis)
-    user = uid()
-    first = call(b, {"uid": user, "data": "while offline", "ttl": 60})
+    a, b = cluster_node(start_server, redis), cluster_node(start_server, redis)
+    user = new_uid("h")
+    first = b.call({"uid": user, "data": "while offline", "ttl": 60})
     assert first["queued"] and first["delivered"] == 0 and first["off"] == 1
     ws = a.ws(hello(user, {f"u:{user}": [0, None]}))
     ws_clients.append(ws)
@@ -237,8 +209,8 @@ def test_two_nodes_share_the_history(start_server, redis, ws_clients) -> None:
 
 
 def test_redis_down_stores_nothing_and_says_so(start_server, redis, ws_clients) -> None:
-    node = redis_node(start_server, redis)
-    here = uid()
+    node = cluster_node(start_server, redis)
+    here = new_uid("h")
     ws = node.ws(here)
     ws_clients.append(ws)
     node.wait_for(lambda s: s["pending"] == 0)
@@ -248,7 +220,7 @@ def test_redis_down_stores_nothing_and_says_so(start_server, redis, ws_clients) 
         assert time.monotonic() < deadline
         time.sleep(0.05)
     # Delivered here in plain text (no position: it is not stored), and not queued.
-    assert call(node, {"uid": here, "data": "now", "ttl": 60}) == {
+    assert node.call({"uid": here, "data": "now", "ttl": 60}) == {
         "id": 1,
         "ok": True,
         "delivered": 1,
@@ -256,7 +228,7 @@ def test_redis_down_stores_nothing_and_says_so(start_server, redis, ws_clients) 
     }
     assert ws.recv(timeout=5) == "now"
     with node.backend() as b:
-        reply = b.request(json.dumps({"uid": uid(), "data": "lost", "ttl": 60}))
+        reply = b.request(json.dumps({"uid": new_uid("h"), "data": "lost", "ttl": 60}))
     assert reply.startswith(b"error history unavailable")
     # A recovery that cannot read Redis says so instead of hanging.
     late = node.ws(hello(here, {f"u:{here}": [3, "abc"]}))

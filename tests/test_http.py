@@ -136,3 +136,19 @@ def test_metrics_count_what_happened(start_server) -> None:
     assert after["pushsvc_push_handling_seconds_bucket{le=+Inf}"] == 5
     for t in tabs + [bad]:
         t.close()
+
+
+def test_no_library_version_in_server_headers(server: PushServer) -> None:
+    """Neither the HTTP port nor the WebSocket handshake names Twisted or Autobahn."""
+    for path in ("/healthz", "/push.js", "/nope"):
+        assert get(server, path)[2]["server"] == "pushsvc", path
+    with socket.create_connection(("127.0.0.1", server.ws_port), timeout=5) as s:
+        s.sendall(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        response = b""
+        while b"\r\n\r\n" not in response:
+            response += s.recv(4096)
+    assert response.startswith(b"HTTP/1.1 101")
+    assert b"\r\nServer: pushsvc\r\n" in response, response

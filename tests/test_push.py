@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import json
-import uuid
 
-from conftest import PushServer
+from conftest import PushServer, new_uid
 from test_commands import http_post
-
-
-def uid() -> str:
-    return "u-" + uuid.uuid4().hex[:12]
 
 
 def online(server: PushServer, user: str) -> bool:
@@ -19,7 +14,7 @@ def online(server: PushServer, user: str) -> bool:
 
 
 def test_every_tab_of_a_uid_receives(server: PushServer, ws_clients) -> None:
-    user = uid()
+    user = new_uid("u")
     tabs = [server.ws(user) for _ in range(3)]
     ws_clients.extend(tabs)
     server.wait_for(lambda s: s["pending"] == 0)
@@ -30,7 +25,7 @@ def test_every_tab_of_a_uid_receives(server: PushServer, ws_clients) -> None:
 
 
 def test_closing_tabs_is_noticed(server: PushServer) -> None:
-    user = uid()
+    user = new_uid("u")
     tabs = [server.ws(user) for _ in range(2)]
     server.wait_for(lambda s: s["pending"] == 0)
     tabs[0].close()
@@ -46,7 +41,7 @@ def test_closing_tabs_is_noticed(server: PushServer) -> None:
 
 
 def test_abrupt_disconnect_is_noticed(server: PushServer) -> None:
-    user = uid()
+    user = new_uid("u")
     ws = server.ws(user)
     server.wait_for(lambda s: s["pending"] == 0)
     assert online(server, user)
@@ -60,7 +55,7 @@ def test_abrupt_disconnect_is_noticed(server: PushServer) -> None:
 
 
 def test_payload_forms(server: PushServer, ws_clients) -> None:
-    user = uid()
+    user = new_uid("u")
     ws = server.ws(user)
     ws_clients.append(ws)
     server.wait_for(lambda s: s["pending"] == 0)
@@ -80,11 +75,11 @@ def test_payload_forms(server: PushServer, ws_clients) -> None:
 
 
 def test_list_of_uids_counts_every_connection(server: PushServer, ws_clients) -> None:
-    a, b_ = uid(), uid()
+    a, b_ = new_uid("u"), new_uid("u")
     ws_clients.extend([server.ws(a), server.ws(a), server.ws(b_)])
     server.wait_for(lambda s: s["pending"] == 0)
     with server.backend() as b:
-        reply = b.json(json.dumps({"id": "x", "uid": [a, b_, a, uid()], "data": "m"}))
+        reply = b.json(json.dumps({"id": "x", "uid": [a, b_, a, new_uid("u")], "data": "m"}))
     assert reply == {"id": "x", "ok": True, "delivered": 3}
 
 
@@ -128,7 +123,7 @@ def test_unauthenticated_connection_gets_nothing(start_server, ws_clients) -> No
 
 
 def test_frames_after_auth_are_ignored(server: PushServer, ws_clients) -> None:
-    user = uid()
+    user = new_uid("u")
     ws = server.ws(user)
     ws_clients.append(ws)
     ws.send("another-uid")  # does not re-identify the connection
@@ -140,7 +135,7 @@ def test_frames_after_auth_are_ignored(server: PushServer, ws_clients) -> None:
 
 
 def test_pipelining_1000_lines_in_one_write(server: PushServer, ws_clients) -> None:
-    user = uid()
+    user = new_uid("u")
     ws = server.ws(user)
     ws_clients.append(ws)
     server.wait_for(lambda s: s["pending"] == 0)
@@ -173,7 +168,7 @@ def test_crlf_line_endings_are_accepted(server: PushServer) -> None:
 
 def test_stats_and_online(start_server, ws_clients) -> None:
     server = start_server()  # its own server: the counts are exact
-    user = uid()
+    user = new_uid("u")
     ws_clients.extend([server.ws(user), server.ws(user), server.ws()])
     server.wait_for(lambda s: s["pending"] == 1 and s["connections"] == 2)
     with server.backend() as b:
@@ -195,7 +190,7 @@ def seed_line(user: str, size: int) -> bytes:
 
 def test_a_one_mib_push_with_default_options(server: PushServer, ws_clients) -> None:
     """The default --max-line is 1 MiB: a document-sized push is delivered whole."""
-    user = uid()
+    user = new_uid("u")
     ws = server.ws(user, max_size=2 * MIB)
     ws_clients.append(ws)
     server.wait_for(lambda s: s["pending"] == 0)
@@ -211,7 +206,7 @@ def test_a_one_mib_push_with_default_options(server: PushServer, ws_clients) -> 
 
 def test_integers_of_any_size_arrive_exactly(server: PushServer, ws_clients) -> None:
     """Beyond 64 bits orjson would make them floats (2**64 as 1.8446744073709552e+19)."""
-    user = uid()
+    user = new_uid("u")
     ws = server.ws(user)
     ws_clients.append(ws)
     server.wait_for(lambda s: s["pending"] == 0)
