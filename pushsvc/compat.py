@@ -125,9 +125,18 @@ def protocol_with_options(factory: Any) -> type:
 # wasNotCleanReason, sendHttpErrorResponse)
 
 
-def plain_writes(conn: Any) -> bool:
-    """Whether a frame may bypass Autobahn's send path: no compression, nothing queued."""
-    return conn._perMessageCompress is None and not conn.send_queue
+def send_prepared(conn: Any, prepared: Any, direct: bool) -> None:
+    """Send a prepared frame; straight to the socket when ``direct`` and nothing is in the way.
+
+    Autobahn's own path (``sendData``) builds debug-log arguments and queues
+    the write for the next reactor turn; an open, uncompressed connection
+    with nothing in Autobahn's send queue needs none of that.  The caller
+    says whether it may go direct (not while its send-queue guard counts).
+    """
+    if direct and conn._perMessageCompress is None and not conn.send_queue:
+        write_now(conn.transport, prepared.payloadHybi)
+    else:
+        conn.sendPreparedMessage(prepared)
 
 
 def close_with(conn: Any, code: int, reason: bytes) -> None:

@@ -34,18 +34,10 @@ class Frame:
         self, data: bytes, channel: str | None = None, offset: int = 0, plain: Frame | None = None
     ) -> None:
         self.data = data
-        self.prepared: PreparedMessage | None = (
-            None  # framed on first use: offline pushes never are
-        )
+        self.prepared = PreparedMessage(data, False, False, False)
         self.channel = channel
         self.offset = offset
         self.plain = plain
-
-    def prepare(self) -> PreparedMessage:
-        """The framed bytes, built once (connections call ``frame.prepared or frame.prepare()``)."""
-        if self.prepared is None:
-            self.prepared = PreparedMessage(self.data, False, False, False)
-        return self.prepared
 
 
 class Connection(Protocol):

@@ -174,22 +174,15 @@ class PushServerProtocol(WebSocketServerProtocol):
             gate.offer(frame)
 
     def send_frame(self, frame: Frame) -> None:
-        """The push hot path: write the frame straight to the socket when nothing is in the way.
+        """The push hot path: the envelope or its plain twin, written at once when possible.
 
-        Autobahn's own path (``sendData``) builds debug-log arguments and
-        queues the write for the next reactor turn; an open, uncompressed
-        connection with nothing queued needs none of that.  Anything else
-        (compression, Autobahn's send queue, a send-queue guard counting)
-        takes Autobahn's path.
+        While the send-queue guard counts (the peer lags), frames take
+        Autobahn's path, where the guard sees every byte.
         """
         if frame.plain is not None and not self.envelopes:
             frame = frame.plain
-        prepared = frame.prepared or frame.prepare()
         guard = self._guard
-        if (guard is None or not guard.state) and compat.plain_writes(self):
-            compat.write_now(self.transport, prepared.payloadHybi)
-        else:
-            self.sendPreparedMessage(prepared)
+        compat.send_prepared(self, frame.prepared, guard is None or not guard.state)
 
     def set_gate(self, gate: Replay | None) -> None:
         self._gate = gate

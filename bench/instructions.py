@@ -1,0 +1,63 @@
+"""CPU instructions per backend line, counted by valgrind: repeatable on a noisy machine.
+
+Timings on a shared two-core machine swing by tens of per cent from one run
+to the next; instruction counts do not.  This script feeds seed-format push
+lines (the backend port's whole path: split, decode, command, node, hub,
+broker, reply) for an offline uid, then for a uid with one browser connected
+through the real WebSocket protocol (the frame written to it included), to an
+in-process BackendProtocol under
+``valgrind --tool=callgrind``, once with no lines and once with many, and
+prints the difference per line.  Give ``--checkout DIR`` to measure another
+checkout of pushsvc (an older commit in a ``git worktree``) in the same
+invocation:
+
+    python bench/instructions.py --checkout ../pushsvc-old --checkout .
+
+Needs valgrind (``apt-get install valgrind``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+WORKLOAD = HERE / "instructions_workload.py"
+
+COLLECTED = re.compile(rb"Collected : (\d+)")
+
+
+def instructions(checkout: Path, rounds: int, kind: str) -> int:
+    """Instructions valgrind counted for a whole run of the workload."""
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    proc = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
+        + [os.path.realpath(sys.executable), str(WORKLOAD), str(rounds), kind],
+        env=env,
+        capture_output=True,
+        check=True,
+    )
+    return int(COLLECTED.search(proc.stderr).group(1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--checkout", action="append", type=Path, help="a pushsvc checkout")
+    parser.add_argument("--rounds", type=int, default=40, help="reads of 100 lines each")
+    args = parser.parse_args()
+    checkouts = args.checkout or [HERE.parent]
+    for kind in ("offline", "online"):
+        for checkout in checkouts:
+            base = instructions(checkout, 0, kind)
+            loaded = instructions(checkout, args.rounds, kind)
+            per_line = (loaded - base) / (args.rounds * 100)
+            sys.stdout.write(f"{checkout}: {per_line:,.0f} instructions per {kind} push line\n")
+
+
+if __name__ == "__main__":
+    main()

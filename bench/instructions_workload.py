@@ -1,0 +1,68 @@
+"""The workload bench/instructions.py runs under valgrind: ROUNDS reads of 100 push lines.
+
+Usage: python bench/instructions_workload.py ROUNDS offline|online
+"""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from pushsvc.auth import UidAuthenticator
+from pushsvc.backend import BackendProtocol
+from pushsvc.websocket import PushServerFactory
+
+HANDSHAKE = (
+    b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+MASK = b"\x01\x02\x03\x04"
+
+
+def owner() -> object:
+    """The object both frontends share: the node, or before the redesign the registry."""
+    try:
+        from pushsvc.broker.memory import MemoryBroker
+        from pushsvc.history.store import MemoryStore
+        from pushsvc.node import Node
+    except ImportError:
+        from pushsvc.registry import Registry
+
+        return Registry()
+    return Node(MemoryBroker(), MemoryStore())
+
+
+def browser(shared: object, uid: bytes) -> StringTransport:
+    """One browser through the real WebSocket protocol, identified as ``uid``."""
+    factory = PushServerFactory(shared, UidAuthenticator(), ping_interval=0)
+    factory.reactor = Clock()
+    proto = factory.buildProtocol(None)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    masked = bytes(c ^ MASK[i % 4] for i, c in enumerate(uid))
+    proto.dataReceived(HANDSHAKE + bytes([0x81, 0x80 | len(uid)]) + MASK + masked)
+    return transport
+
+
+def main() -> None:
+    rounds, kind = int(sys.argv[1]), sys.argv[2]
+    shared = owner()
+    backend = BackendProtocol(shared, 1 << 20)
+    backend.makeConnection(StringTransport())
+    uid = b"online" if kind == "online" else b"nobody"
+    seen = browser(shared, uid) if kind == "online" else None
+    data = (b'{"uid":"' + uid + b'","percent":"88%"}\n') * 100
+    reply = (b"ok\n" if seen is not None else b"fail\n") * 100
+    for _ in range(rounds):
+        backend.dataReceived(data)
+        assert backend.transport.value() == reply, backend.transport.value()[:80]
+        backend.transport.clear()
+        if seen is not None:
+            assert seen.value().endswith(b"\x81\x0388%")
+            seen.clear()
+
+
+if __name__ == "__main__":
+    main()
