@@ -13,11 +13,13 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+from twisted.web.error import UnsupportedMethod
 
 from pushsvc import browser, commands, jsoncodec
 from pushsvc.auth import Secrets
-from pushsvc.errors import describe, error_body
+from pushsvc.errors import INTERNAL, describe, error_body
 from pushsvc.metrics import MetricsCollector
 from pushsvc.node import Node
 from pushsvc.policy import FailureThrottle
@@ -26,6 +28,8 @@ from pushsvc.websocket import PushServerFactory
 log = Logger()
 
 JSON = b"application/json"
+# Reason phrases twisted.web lacks: without one it sends "429 Unknown Status".
+PHRASES = {**http.RESPONSES, 429: b"Too Many Requests"}
 
 
 class LimitedRequest(server.Request):
@@ -62,12 +66,53 @@ class LimitedRequest(server.Request):
             return
         super().handleContentChunk(data)
 
+    def processingFailed(self, reason: Failure) -> Failure:
+        """A bug while answering: logged once with its traceback, answered in JSON, not HTML."""
+        log.failure("HTTP request failed", reason)
+        if not self.finished and not self.startedWriting:
+            body = reply(self, 500, error_body(INTERNAL))
+            self.setHeader(b"content-length", b"%d" % len(body))
+            self.write(body)
+        if not self.finished:
+            self.finish()
+        return reason
+
 
 def reply(request: server.Request, status: int, body: dict[str, Any]) -> bytes:
-    request.setResponseCode(status)
+    """A JSON answer with ``status`` and its standard reason phrase."""
+    request.setResponseCode(status, PHRASES.get(status, b"Error"))
     request.setHeader(b"content-type", JSON)
     request.setHeader(b"cache-control", b"no-store")
     return jsoncodec.dumps(body) + b"\n"
+
+
+class JsonResource(resource.Resource):
+    """A resource whose own errors are JSON: 404 for unknown children, 405 for other methods.
+
+    twisted.web's versions are HTML pages, which API clients cannot parse.
+    """
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        return NotFound()
+
+    def render(self, request: server.Request) -> bytes | int:
+        try:
+            return super().render(request)
+        except UnsupportedMethod as e:
+            allowed = list(e.allowedMethods) or [b"GET"]
+            if request.method == b"HEAD" and b"GET" in allowed:
+                raise  # twisted.web answers HEAD with GET's headers
+            request.setHeader(b"allow", b", ".join(allowed))
+            return reply(request, 405, error_body("method not allowed"))
+
+
+class NotFound(resource.Resource):
+    """Any path nothing serves."""
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        return reply(request, 404, error_body("not found"))
 
 
 class ApiResource(resource.Resource):
@@ -166,7 +211,7 @@ def _finish(request: server.Request, status: int, body: dict[str, Any]) -> None:
         request.finish()
 
 
-class HealthResource(resource.Resource):
+class HealthResource(JsonResource):
     """``/healthz``: 200 while serving, 503 once shutdown has begun."""
 
     isLeaf = True
@@ -183,7 +228,7 @@ class HealthResource(resource.Resource):
         return b"stopping\n"
 
 
-class MetricsResource(resource.Resource):
+class MetricsResource(JsonResource):
     """``/metrics`` in the Prometheus text format."""
 
     isLeaf = True
@@ -223,7 +268,7 @@ def make_site(
 
     The browser side (``/push.js``, ``/demo``, ``/ws``) lives in browser.py.
     """
-    root = resource.Resource()
+    root = JsonResource()
     root.putChild(b"api", ApiResource(node, api_key, throttle))
     root.putChild(b"healthz", HealthResource(node))
     root.putChild(b"metrics", MetricsResource(node))
