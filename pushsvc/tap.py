@@ -17,7 +17,13 @@ from twisted.python import usage
 from txaio.interfaces import log_levels
 
 from pushsvc.auth import API_KEY_ENV, MIN_KEY_BYTES, SECRET_ENV, load_secret, make_authenticator
-from pushsvc.backend import BACKEND_SECRET_ENV, BackendFactory, BackendGate
+from pushsvc.backend import (
+    BACKEND_SECRET_ENV,
+    DEFAULT_MAX_PENDING,
+    BackendFactory,
+    BackendGate,
+    default_max_backends,
+)
 from pushsvc.broker.memory import MemoryBroker
 from pushsvc.broker.shard import parse_redis_url
 from pushsvc.browser import FactoryService
@@ -96,6 +102,22 @@ LIMIT_PARAMETERS = [
         f"File holding a secret backends must send first (or set ${BACKEND_SECRET_ENV}).",
     ],
     [
+        "max-backends",
+        None,
+        0,
+        "Backend connections in all; more get 'error too many backend connections' "
+        "(0: a tenth of the WebSocket cap, at least 64).",
+        int,
+    ],
+    [
+        "max-backend-pending",
+        None,
+        DEFAULT_MAX_PENDING,
+        "Backend connections that have not sent the backend secret yet; more are closed "
+        "(0: no limit).",
+        int,
+    ],
+    [
         "auth-fail-limit",
         None,
         10,
@@ -117,6 +139,8 @@ def check_limit_options(config: usage.Options) -> None:
         "trust-x-forwarded-for",
         "client-rate",
         "client-burst",
+        "max-backends",
+        "max-backend-pending",
         "auth-fail-limit",
     ):
         if config[name] < 0:
@@ -315,7 +339,12 @@ def makeService(config: PushOptions) -> service.MultiService:
     Listener("WebSocket", "ws-port", config["ws-port"], None, ws_factory).setServiceParent(top)
     throttle = FailureThrottle(limit=config["auth-fail-limit"])
     backend = BackendFactory(
-        node, config["max-line"], BackendGate(config["backend-secret"], throttle)
+        node,
+        config["max-line"],
+        BackendGate(config["backend-secret"], throttle),
+        auth_timeout=config["auth-timeout"],
+        max_backends=config["max-backends"] or default_max_backends(),
+        max_pending=config["max-backend-pending"],
     )
     Listener("backend", "text-port", config["text-port"], LOCAL, backend).setServiceParent(top)
     if config["http-port"] != "off":
