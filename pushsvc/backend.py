@@ -161,6 +161,7 @@ class BackendProtocol(LineReceiver):
                 self._timer = factory.clock.callLater(factory.auth_timeout, self._auth_timeout)
         throttle = self.gate.throttle
         if not self.authenticated and throttle is not None and throttle.blocked(self._ip()):
+            self.node.metrics.rejected["backend_auth_blocked"] += 1
             self.transport.write(self._refuse(b"error too many failed authentication attempts\n"))
 
     def _auth_timeout(self) -> None:

@@ -7,6 +7,7 @@ port binds 127.0.0.1 by default; an API key protects it when configured.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -121,48 +122,57 @@ class ApiResource(resource.Resource):
     isLeaf = True
 
     def __init__(
-        self, node: Node, api_key: Secrets | None, throttle: FailureThrottle | None = None
+        self,
+        node: Node,
+        api_key: Secrets | None | Callable[[], Secrets | None],
+        throttle: FailureThrottle | None = None,
     ) -> None:
         super().__init__()
         self.node = node
-        self.api_key = api_key
-        self.throttle = throttle
+        # A function returning the current key, so that SIGHUP's reload applies.
+        self._api_key = api_key if callable(api_key) else (lambda: api_key)
+        self.throttle = throttle or FailureThrottle(limit=0)
+
+    @property
+    def api_key(self) -> Secrets | None:
+        return self._api_key()
 
     def _authorized(self, request: server.Request) -> bool:
-        if self.api_key is None:
+        api_key = self.api_key
+        if api_key is None:
             return True
         given = request.getHeader(b"authorization") or b""
         if given[:7].lower() == b"bearer ":
             given = given[7:].strip()
         else:
             given = request.getHeader(b"x-api-key") or b""
-        return self.api_key.matches(given)
+        return api_key.matches(given)
 
-    def _blocked(self, request: server.Request) -> bytes | None:
-        """429 for an IP with too many failed API keys; counts this request if its key is bad."""
-        if self.api_key is None or self.throttle is None:
+    def _refused(self, request: server.Request) -> bytes | None:
+        """429 for an IP with too many failed API keys, 401 for a missing or wrong key.
+
+        Each failure is counted (pushsvc_rejected_total{reason="api_key_failed"})
+        and logged once a minute at most, whatever the number of IPs.
+        """
+        if self.api_key is None:
             return None
         ip = getattr(request.getClientAddress(), "host", "?")
         if self.throttle.blocked(ip):
+            self.node.metrics.rejected["api_key_blocked"] += 1
             request.setHeader(b"retry-after", b"%d" % self.throttle.retry_after(ip))
             error = "too many failed authentication attempts"
             return reply(request, 429, {"ok": False, "error": error})
-        if not self._authorized(request):
-            self.throttle.failed(ip, "HTTP API: refused a request without a valid API key")
-        return None
+        if self._authorized(request):
+            return None
+        self.node.metrics.rejected["api_key_failed"] += 1
+        self.throttle.failed(ip, "HTTP API: refused a request without a valid API key")
+        request.setHeader(b"www-authenticate", b'Bearer realm="pushsvc"')
+        return reply(request, 401, {"ok": False, "error": "missing or invalid API key"})
 
     def render(self, request: server.Request) -> bytes | int:
-        blocked = self._blocked(request)
-        if blocked is not None:
-            return blocked
-        if not self._authorized(request):
-            if self.throttle is None:
-                log.info(
-                    "HTTP API: refused a request without a valid API key from {peer}",
-                    peer=request.getClientAddress(),
-                )
-            request.setHeader(b"www-authenticate", b'Bearer realm="pushsvc"')
-            return reply(request, 401, {"ok": False, "error": "missing or invalid API key"})
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         if len(request.postpath) != 1 or not request.postpath[0]:
             return reply(request, 404, {"ok": False, "error": "use /api/<command>"})
         if request.method != b"POST":
