@@ -269,7 +269,7 @@ class PushSite(server.Site):
 
 def make_site(
     node: Node,
-    api_key: Secrets | None,
+    api_key: Secrets | None | Callable[[], Secrets | None],
     max_body: int = 1 << 20,
     ws_factory: PushServerFactory | None = None,
     throttle: FailureThrottle | None = None,
