@@ -9,13 +9,15 @@ backend secret, a connection's first line must authenticate it.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 
 from pushsvc import commands, jsoncodec
@@ -23,7 +25,10 @@ from pushsvc.auth import Secrets
 from pushsvc.compat import write_now
 from pushsvc.errors import UnknownCommand, describe
 from pushsvc.node import Node
-from pushsvc.policy import FailureThrottle
+from pushsvc.policy import FailureThrottle, default_max_connections
+from pushsvc.ratelog import RateLimitedLog
+
+log = Logger()
 
 BACKEND_SECRET_ENV = "PUSHSVC_BACKEND_SECRET"
 
@@ -65,21 +70,49 @@ def is_auth_request(request: object) -> bool:
     return isinstance(request, dict) and request.get("cmd") == "auth"
 
 
-class BackendGate:
-    """The backend port's optional shared secret, and the throttle for wrong guesses."""
+SecretSource = Callable[[], "Secrets | None"]
 
-    def __init__(self, secret: Secrets | None, throttle: FailureThrottle | None = None) -> None:
-        self.secret = secret
+DEFAULT_MAX_PENDING = 64  # unauthenticated backend connections (with a secret)
+
+
+def default_max_backends() -> int:
+    """Backend connections in all: a tenth of the WebSocket cap, at least 64.
+
+    Backends are few (a pool per application server); the cap only stops a
+    local process from taking the file descriptors browsers need.
+    """
+    return max(64, default_max_connections() // 10)
+
+
+class BackendGate:
+    """The backend port's optional shared secret, and the throttle for wrong guesses.
+
+    ``secret`` may be a function returning the current secrets, so that a
+    reload (SIGHUP) takes effect for the next auth line without touching
+    this object.
+    """
+
+    def __init__(
+        self,
+        secret: Secrets | None | SecretSource,
+        throttle: FailureThrottle | None = None,
+    ) -> None:
+        self._secret: SecretSource = secret if callable(secret) else (lambda: secret)
         self.throttle = throttle
+
+    @property
+    def secret(self) -> Secrets | None:
+        return self._secret()
 
     def check(self, request: dict) -> bool:
         """Whether an auth request carries the secret (any secret when none is set)."""
-        if self.secret is None:
+        secrets = self.secret
+        if secrets is None:
             return True
         secret = request.get("secret")
         if not isinstance(secret, str):
             return False
-        return self.secret.matches(secret.encode("utf-8"))
+        return secrets.matches(secret.encode("utf-8"))
 
 
 class BackendProtocol(LineReceiver):
@@ -92,6 +125,10 @@ class BackendProtocol(LineReceiver):
     """
 
     delimiter = b"\n"
+    factory: BackendFactory | None = None  # set by the factory; counts and caps connections
+    _timer: IDelayedCall | None = None  # the auth timeout, until the first line authenticates
+    _counted = False  # in the factory's counts
+    _pending = False  # counted as unauthenticated
 
     def __init__(self, node: Node, max_line: int, gate: BackendGate | None = None) -> None:
         self.node = node
@@ -113,9 +150,31 @@ class BackendProtocol(LineReceiver):
         # replies makes Twisted pause us (LineReceiver's pauseProducing stops
         # reading from the socket) instead of buffering replies without bound.
         self.transport.registerProducer(self, True)
+        factory = self.factory
+        if factory is not None:
+            refusal = factory.admit(self._ip(), pending=not self.authenticated)
+            if refusal is not None:
+                self.transport.write(self._refuse(error_line(refusal)))
+                return
+            self._counted, self._pending = True, not self.authenticated
+            if self._pending:
+                self._timer = factory.clock.callLater(factory.auth_timeout, self._auth_timeout)
         throttle = self.gate.throttle
         if not self.authenticated and throttle is not None and throttle.blocked(self._ip()):
+            self.node.metrics.rejected["backend_auth_blocked"] += 1
             self.transport.write(self._refuse(b"error too many failed authentication attempts\n"))
+
+    def _auth_timeout(self) -> None:
+        """No auth line within --auth-timeout: a silent peer must not hold a connection."""
+        self._timer = None
+        if self.authenticated or self.closing or self.factory is None:
+            return
+        self.factory.rejected(
+            "backend_unauthenticated_timeout", "did not authenticate in time", self._ip()
+        )
+        self.closing = True
+        self.transport.write(error_line("authentication timeout"))
+        self.transport.loseConnection()
 
     def _ip(self) -> str:
         return getattr(self.transport.getPeer(), "host", "?")
@@ -125,24 +184,35 @@ class BackendProtocol(LineReceiver):
         replies: list[bytes | Deferred[bytes]] = []
         start = 0
         limit = self.MAX_LENGTH
-        while (end := buf.find(b"\n", start)) >= 0:
+        while (end := buf.find(b"\n", start)) >= 0 and not self.closing:
             line = buf[start:end]
             start = end + 1
             if self._discarding:
                 self._discarding = False  # that newline ended the over-long line
             elif len(line) > limit:
-                replies.append(error_line(f"line longer than {limit} bytes"))
+                replies.append(self._too_long())
             else:
                 replies.append(self.lineReceived(line))
         rest = buf[start:]
         if len(rest) > limit:
-            if not self._discarding:
-                replies.append(error_line(f"line longer than {limit} bytes"))
+            if not self._discarding and not self.closing:
+                replies.append(self._too_long())
                 self._discarding = True
             rest = b""
         self._partial = rest
         if replies:
             self._send(replies)
+
+    def _too_long(self) -> bytes:
+        """An over-long line: an error; before authentication, also the end of the connection."""
+        reply = error_line(f"line longer than {self.MAX_LENGTH} bytes")
+        if self.authenticated:
+            return reply
+        if self.factory is not None:
+            self.factory.rejected(
+                "backend_line_too_long", "sent an over-long first line", self._ip()
+            )
+        return self._refuse(reply)
 
     def lineReceived(self, line: bytes) -> bytes | Deferred[bytes]:
         """Answer one request line (without its newline)."""
@@ -185,16 +255,30 @@ class BackendProtocol(LineReceiver):
             request = None
         rid = commands.request_id(request)
         throttle = self.gate.throttle
+        metrics = self.node.metrics
         if not is_auth_request(request):
+            metrics.rejected["backend_unauthenticated_request"] += 1
             if throttle is not None:  # no credential tried: logged, not counted
                 throttle.note(self._ip(), "backend connection sent a request before authenticating")
             return self._refuse(error_line("authentication required", rid))
         if not self.gate.check(request):  # type: ignore[arg-type]
+            metrics.rejected["backend_auth_failed"] += 1
             if throttle is not None:
                 throttle.failed(self._ip(), "backend authentication failed (wrong secret)")
             return self._refuse(error_line("authentication failed", rid))
         self.authenticated = True
+        self._stop_waiting()
         return ok_line(rid)
+
+    def _stop_waiting(self) -> None:
+        """No longer unauthenticated: the timer and the pending count end."""
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if self._pending and self.factory is not None:
+            self._pending = False
+            self.factory.pending -= 1
 
     def _refuse(self, reply: bytes) -> bytes:
         """Answer ``reply``, then close once it is written; later lines get nothing."""
@@ -239,19 +323,66 @@ class BackendProtocol(LineReceiver):
     def connectionLost(self, reason: object = None) -> None:
         self.node.metrics.backend_connections -= 1
         self._waiting = None
+        self._stop_waiting()
+        if self._counted and self.factory is not None:
+            self._counted = False
+            self.factory.connections -= 1
 
 
 class BackendFactory(Factory):
-    """Creates backend connections bound to the node."""
+    """Creates backend connections bound to the node, and counts them against the caps.
+
+    ``max_backends`` caps all backend connections (0: no cap), ``max_pending``
+    those that have not authenticated yet (with a secret; 0: no cap).  Over a
+    cap a connection gets one error line and is closed.
+    """
 
     def __init__(
-        self, node: Node, max_line: int = 1 << 20, gate: BackendGate | None = None
+        self,
+        node: Node,
+        max_line: int = 1 << 20,
+        gate: BackendGate | None = None,
+        *,
+        auth_timeout: float = 10.0,
+        max_backends: int = 0,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        clock: IReactorTime | None = None,
     ) -> None:
         self.node = node
         self.max_line = max_line
         self.gate = gate
+        self.auth_timeout = auth_timeout
+        self.max_backends = max_backends
+        self.max_pending = max_pending
+        self.clock: IReactorTime = clock or reactor  # type: ignore[assignment]
+        self.connections = 0  # counted connections
+        self.pending = 0  # of which not authenticated yet
+        self.ratelog = RateLimitedLog(log, clock=self.clock.seconds)
 
     def buildProtocol(self, addr: object) -> BackendProtocol:
         proto = BackendProtocol(self.node, self.max_line, self.gate)
         proto.factory = self
         return proto
+
+    def admit(self, ip: str, pending: bool) -> str | None:
+        """Count a new connection; or the error it gets if a cap is reached."""
+        if self.max_backends and self.connections >= self.max_backends:
+            self.rejected("too_many_backends", "over --max-backends", ip)
+            return "too many backend connections"
+        if pending and self.max_pending and self.pending >= self.max_pending:
+            self.rejected("too_many_unauthenticated_backends", "over --max-backend-pending", ip)
+            return "too many unauthenticated backend connections"
+        self.connections += 1
+        self.pending += pending
+        return None
+
+    def rejected(self, reason: str, what: str, ip: str) -> None:
+        """Count a refused backend connection; one log line per reason a minute at most."""
+        self.node.metrics.rejected[reason] += 1
+        self.ratelog.emit(
+            reason,
+            "backend port: closed a connection from {ip}: {what} ({suppressed} more for this "
+            "reason since the last such line; the next 60 s are only counted in /metrics)",
+            ip=ip,
+            what=what,
+        )

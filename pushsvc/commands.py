@@ -197,7 +197,17 @@ def payload(request: dict) -> bytes:
         raise RequestError("missing data")
     if isinstance(value, str):
         return value.encode("utf-8")
-    return jsoncodec.dumps(value)  # exact for integers beyond 64 bits
+    try:
+        return jsoncodec.dumps(value)  # exact for integers beyond 64 bits
+    except (TypeError, RecursionError) as e:  # orjson.JSONEncodeError is a TypeError
+        # The request decoded, so only its shape can be at fault: orjson reads
+        # 1023 levels of nesting but writes at most MAX_DEPTH.
+        if isinstance(e, RecursionError) or "ecursion" in str(e):
+            raise RequestError(
+                f"data nested too deeply (at most {jsoncodec.MAX_DEPTH} levels of arrays "
+                "and objects)"
+            ) from None
+        raise RequestError(f"data cannot be written as JSON: {e}") from None
 
 
 def ttl(node: Node, request: dict) -> int:

@@ -236,7 +236,7 @@ def problems() -> list[str]:
         hash_ring([("a", 1)])(b"x")
     except Exception as e:  # noqa: BLE001 - any failure means the internal changed
         found.append(f"txredisapi.HashRing keyed by _factory.uuid (compat.hash_ring): {e!r}")
-    return found
+    return found + _failure_problems()
 
 
 def _tcp_server() -> tuple[tcp.Server, Any]:
@@ -263,3 +263,61 @@ def _instance_attrs() -> set[str]:
     proto.factory.setProtocolOptions(openHandshakeTimeout=0)  # no timer left behind
     proto.makeConnection(StringTransport())
     return set(vars(proto))
+
+
+# == Issue 11 part B: Autobahn's warning per failed connection ==========================
+# (WebSocketProtocol._fail_connection's log line; failedByMe, localCloseCode,
+# localCloseReason).  Tested with Autobahn 23.1 - 26.11.
+
+FAIL_FORMAT = 'failing WebSocket connection (code={code}): "{reason}"'
+
+
+class FailureLog:
+    """A protocol class's ``log`` without Autobahn's warning per failed connection.
+
+    ``_fail_connection`` (a protocol violation: 1002, invalid UTF-8: 1007, a
+    frame too big: 1009) warns through the class's txaio logger for every
+    connection, with the peer's reason text; a flood of bad frames would be a
+    flood of lines.  This logger drops that one line (the protocol counts and
+    logs failures itself, rate-limited: :func:`failure_of`) and passes
+    everything else on.
+    """
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def warn(self, format: str | None = None, **kwargs: object) -> None:
+        if format == FAIL_FORMAT:
+            return
+        self._real.warn(format, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def failure_of(conn: Any) -> tuple[int, str] | None:
+    """The close code and reason Autobahn failed ``conn`` with; None if it did not fail it."""
+    if not getattr(conn, "failedByMe", False):
+        return None
+    reason = conn.localCloseReason or b""
+    return conn.localCloseCode or 0, reason.decode("utf-8", "replace")
+
+
+def _failure_problems() -> list[str]:
+    """The internals of this section that are gone (part of :func:`problems`)."""
+    import inspect
+
+    from autobahn.websocket.protocol import WebSocketProtocol
+
+    found = []
+    try:
+        source = inspect.getsource(WebSocketProtocol._fail_connection)
+    except (AttributeError, OSError, TypeError):
+        source = ""
+    if FAIL_FORMAT not in source:
+        found.append("WebSocketProtocol._fail_connection's warning (compat.FailureLog)")
+    attrs = _instance_attrs()
+    for name in ("failedByMe", "localCloseCode", "localCloseReason"):
+        if name not in attrs and not hasattr(WebSocketProtocol, name):
+            found.append(f"WebSocketProtocol.{name} (compat.failure_of)")
+    return found

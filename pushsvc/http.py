@@ -7,17 +7,20 @@ port binds 127.0.0.1 by default; an API key protects it when configured.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+from twisted.web.error import UnsupportedMethod
 
 from pushsvc import browser, commands, jsoncodec
 from pushsvc.auth import Secrets
-from pushsvc.errors import describe, error_body
+from pushsvc.errors import INTERNAL, describe, error_body
 from pushsvc.metrics import MetricsCollector
 from pushsvc.node import Node
 from pushsvc.policy import FailureThrottle
@@ -26,6 +29,8 @@ from pushsvc.websocket import PushServerFactory
 log = Logger()
 
 JSON = b"application/json"
+# Reason phrases twisted.web lacks: without one it sends "429 Unknown Status".
+PHRASES = {**http.RESPONSES, 429: b"Too Many Requests"}
 
 
 class LimitedRequest(server.Request):
@@ -62,12 +67,53 @@ class LimitedRequest(server.Request):
             return
         super().handleContentChunk(data)
 
+    def processingFailed(self, reason: Failure) -> Failure:
+        """A bug while answering: logged once with its traceback, answered in JSON, not HTML."""
+        log.failure("HTTP request failed", reason)
+        if not self.finished and not self.startedWriting:
+            body = reply(self, 500, error_body(INTERNAL))
+            self.setHeader(b"content-length", b"%d" % len(body))
+            self.write(body)
+        if not self.finished:
+            self.finish()
+        return reason
+
 
 def reply(request: server.Request, status: int, body: dict[str, Any]) -> bytes:
-    request.setResponseCode(status)
+    """A JSON answer with ``status`` and its standard reason phrase."""
+    request.setResponseCode(status, PHRASES.get(status, b"Error"))
     request.setHeader(b"content-type", JSON)
     request.setHeader(b"cache-control", b"no-store")
     return jsoncodec.dumps(body) + b"\n"
+
+
+class JsonResource(resource.Resource):
+    """A resource whose own errors are JSON: 404 for unknown children, 405 for other methods.
+
+    twisted.web's versions are HTML pages, which API clients cannot parse.
+    """
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
+        return NotFound()
+
+    def render(self, request: server.Request) -> bytes | int:
+        try:
+            return super().render(request)
+        except UnsupportedMethod as e:
+            allowed = list(e.allowedMethods) or [b"GET"]
+            if request.method == b"HEAD" and b"GET" in allowed:
+                raise  # twisted.web answers HEAD with GET's headers
+            request.setHeader(b"allow", b", ".join(allowed))
+            return reply(request, 405, error_body("method not allowed"))
+
+
+class NotFound(resource.Resource):
+    """Any path nothing serves."""
+
+    isLeaf = True
+
+    def render(self, request: server.Request) -> bytes:
+        return reply(request, 404, error_body("not found"))
 
 
 class ApiResource(resource.Resource):
@@ -76,48 +122,57 @@ class ApiResource(resource.Resource):
     isLeaf = True
 
     def __init__(
-        self, node: Node, api_key: Secrets | None, throttle: FailureThrottle | None = None
+        self,
+        node: Node,
+        api_key: Secrets | None | Callable[[], Secrets | None],
+        throttle: FailureThrottle | None = None,
     ) -> None:
         super().__init__()
         self.node = node
-        self.api_key = api_key
-        self.throttle = throttle
+        # A function returning the current key, so that SIGHUP's reload applies.
+        self._api_key = api_key if callable(api_key) else (lambda: api_key)
+        self.throttle = throttle or FailureThrottle(limit=0)
+
+    @property
+    def api_key(self) -> Secrets | None:
+        return self._api_key()
 
     def _authorized(self, request: server.Request) -> bool:
-        if self.api_key is None:
+        api_key = self.api_key
+        if api_key is None:
             return True
         given = request.getHeader(b"authorization") or b""
         if given[:7].lower() == b"bearer ":
             given = given[7:].strip()
         else:
             given = request.getHeader(b"x-api-key") or b""
-        return self.api_key.matches(given)
+        return api_key.matches(given)
 
-    def _blocked(self, request: server.Request) -> bytes | None:
-        """429 for an IP with too many failed API keys; counts this request if its key is bad."""
-        if self.api_key is None or self.throttle is None:
+    def _refused(self, request: server.Request) -> bytes | None:
+        """429 for an IP with too many failed API keys, 401 for a missing or wrong key.
+
+        Each failure is counted (pushsvc_rejected_total{reason="api_key_failed"})
+        and logged once a minute at most, whatever the number of IPs.
+        """
+        if self.api_key is None:
             return None
         ip = getattr(request.getClientAddress(), "host", "?")
         if self.throttle.blocked(ip):
+            self.node.metrics.rejected["api_key_blocked"] += 1
             request.setHeader(b"retry-after", b"%d" % self.throttle.retry_after(ip))
             error = "too many failed authentication attempts"
             return reply(request, 429, {"ok": False, "error": error})
-        if not self._authorized(request):
-            self.throttle.failed(ip, "HTTP API: refused a request without a valid API key")
-        return None
+        if self._authorized(request):
+            return None
+        self.node.metrics.rejected["api_key_failed"] += 1
+        self.throttle.failed(ip, "HTTP API: refused a request without a valid API key")
+        request.setHeader(b"www-authenticate", b'Bearer realm="pushsvc"')
+        return reply(request, 401, {"ok": False, "error": "missing or invalid API key"})
 
     def render(self, request: server.Request) -> bytes | int:
-        blocked = self._blocked(request)
-        if blocked is not None:
-            return blocked
-        if not self._authorized(request):
-            if self.throttle is None:
-                log.info(
-                    "HTTP API: refused a request without a valid API key from {peer}",
-                    peer=request.getClientAddress(),
-                )
-            request.setHeader(b"www-authenticate", b'Bearer realm="pushsvc"')
-            return reply(request, 401, {"ok": False, "error": "missing or invalid API key"})
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
         if len(request.postpath) != 1 or not request.postpath[0]:
             return reply(request, 404, {"ok": False, "error": "use /api/<command>"})
         if request.method != b"POST":
@@ -166,7 +221,7 @@ def _finish(request: server.Request, status: int, body: dict[str, Any]) -> None:
         request.finish()
 
 
-class HealthResource(resource.Resource):
+class HealthResource(JsonResource):
     """``/healthz``: 200 while serving, 503 once shutdown has begun."""
 
     isLeaf = True
@@ -183,7 +238,7 @@ class HealthResource(resource.Resource):
         return b"stopping\n"
 
 
-class MetricsResource(resource.Resource):
+class MetricsResource(JsonResource):
     """``/metrics`` in the Prometheus text format."""
 
     isLeaf = True
@@ -214,7 +269,7 @@ class PushSite(server.Site):
 
 def make_site(
     node: Node,
-    api_key: Secrets | None,
+    api_key: Secrets | None | Callable[[], Secrets | None],
     max_body: int = 1 << 20,
     ws_factory: PushServerFactory | None = None,
     throttle: FailureThrottle | None = None,
@@ -223,7 +278,7 @@ def make_site(
 
     The browser side (``/push.js``, ``/demo``, ``/ws``) lives in browser.py.
     """
-    root = resource.Resource()
+    root = JsonResource()
     root.putChild(b"api", ApiResource(node, api_key, throttle))
     root.putChild(b"healthz", HealthResource(node))
     root.putChild(b"metrics", MetricsResource(node))

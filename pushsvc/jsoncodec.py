@@ -22,6 +22,7 @@ import orjson
 _DIGITS = bytes(49 if 48 <= b <= 57 else 48 for b in range(256))
 _RUN = b"1" * 19  # -2**63 - 1 has 19 digits; every integer with fewer fits orjson
 _LOW, _HIGH = -(2**63), 2**64 - 1  # what orjson reads and writes exactly
+MAX_DEPTH = 254  # levels of arrays and objects orjson writes (it reads up to 1023)
 
 
 class BigInt(int):

@@ -9,6 +9,7 @@ were suppressed.
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections.abc import Callable
 
 from twisted.logger import Logger, LogLevel
@@ -45,3 +46,39 @@ class RateLimitedLog:
         suppressed = self._suppressed.pop(kind, 0)
         self._log.emit(self._level, message, suppressed=suppressed, **fields)
         return True
+
+
+PEER_TEXT_LIMIT = 100  # characters of peer text in a log line or close reason
+
+
+def _escape(char: str) -> str:
+    """``char`` as is, or as a visible escape if it could hide or forge text in a log."""
+    if char == "\\":
+        return "\\\\"
+    # Cc: controls (newlines, ESC); Cf: format (bidi overrides, zero-width);
+    # Zl/Zp: line and paragraph separators; Cs/Co/Cn: surrogates, private, unassigned.
+    if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return char
+
+
+def peer_text(text: str, limit: int = PEER_TEXT_LIMIT) -> str:
+    """Text a peer sent, safe to log or echo in a close reason: escaped and bounded.
+
+    No control, newline, bidi or other format character survives (each
+    becomes a visible ``\\xNN``/``\\uNNNN`` escape), and at most ``limit``
+    characters come out (the last one ``…`` when cut).
+    """
+    out = "".join(_escape(c) for c in text[: limit * 2])
+    if len(out) > limit or len(text) > limit * 2:
+        return out[: limit - 1] + "…"
+    return out
+
+
+def close_reason(text: str) -> str:
+    """A WebSocket close reason from ``text``: peer-safe and within the 123 bytes a frame allows."""
+    reason = peer_text(text)
+    while len(reason.encode("utf-8")) > 123:
+        reason = reason[:-2] + "…"
+    return reason

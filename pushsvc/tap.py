@@ -16,8 +16,14 @@ from twisted.logger import Logger
 from twisted.python import usage
 from txaio.interfaces import log_levels
 
-from pushsvc.auth import API_KEY_ENV, MIN_KEY_BYTES, SECRET_ENV, load_secret, make_authenticator
-from pushsvc.backend import BACKEND_SECRET_ENV, BackendFactory, BackendGate
+from pushsvc.auth import API_KEY_ENV, MIN_KEY_BYTES, SECRET_ENV, load_secret
+from pushsvc.backend import (
+    BACKEND_SECRET_ENV,
+    DEFAULT_MAX_PENDING,
+    BackendFactory,
+    BackendGate,
+    default_max_backends,
+)
 from pushsvc.broker.memory import MemoryBroker
 from pushsvc.broker.shard import parse_redis_url
 from pushsvc.browser import FactoryService
@@ -34,6 +40,7 @@ from pushsvc.policy import (
     OriginPolicy,
     default_max_connections,
 )
+from pushsvc.settings import Reloadable, ReloadOnHangup, Settings
 from pushsvc.websocket import PushServerFactory
 
 log = Logger()
@@ -90,10 +97,33 @@ LIMIT_PARAMETERS = [
         "https://*.example.com, null); others get HTTP 403. Default: any.",
     ],
     [
+        "allowed-origins-file",
+        None,
+        None,
+        "File of allowed origins (one a line or comma-separated), re-read on SIGHUP; "
+        "overrides --allowed-origins.",
+    ],
+    [
         "backend-secret-file",
         None,
         None,
         f"File holding a secret backends must send first (or set ${BACKEND_SECRET_ENV}).",
+    ],
+    [
+        "max-backends",
+        None,
+        0,
+        "Backend connections in all; more get 'error too many backend connections' "
+        "(0: a tenth of the WebSocket cap, at least 64).",
+        int,
+    ],
+    [
+        "max-backend-pending",
+        None,
+        DEFAULT_MAX_PENDING,
+        "Backend connections that have not sent the backend secret yet; more are closed "
+        "(0: no limit).",
+        int,
     ],
     [
         "auth-fail-limit",
@@ -117,13 +147,16 @@ def check_limit_options(config: usage.Options) -> None:
         "trust-x-forwarded-for",
         "client-rate",
         "client-burst",
+        "max-backends",
+        "max-backend-pending",
         "auth-fail-limit",
     ):
         if config[name] < 0:
             raise usage.UsageError(f"--{name} {config[name]!r}: must not be negative")
     try:
-        config["origins"] = OriginPolicy.parse(config["allowed-origins"])
-    except ValueError as e:
+        config["origins-text"] = origins_text(config)
+        config["origins"] = OriginPolicy.parse(config["origins-text"])
+    except (OSError, ValueError) as e:
         raise usage.UsageError(f"--allowed-origins: {e}") from None
     try:
         config["backend-secret"] = load_secret(
@@ -131,6 +164,36 @@ def check_limit_options(config: usage.Options) -> None:
         )
     except (OSError, ValueError) as e:
         raise usage.UsageError(f"cannot read the backend secret: {e}") from None
+
+
+def origins_text(config: usage.Options) -> str | None:
+    """The allowed origins as one comma-separated text: from the file if one is given."""
+    path = config["allowed-origins-file"]
+    if not path:
+        return config["allowed-origins"]
+    with open(path, encoding="utf-8") as f:
+        entries = [e.strip() for line in f for e in line.split(",") if e.strip()]
+    if not entries:
+        raise ValueError(f"--allowed-origins-file {path} is empty")
+    return ",".join(entries)
+
+
+def load_settings(config: usage.Options) -> Settings:
+    """Read the secret files and origins as the options say (at start and on SIGHUP).
+
+    Secrets from environment variables cannot change while the process runs.
+    Raises OSError or ValueError, naming the file, for anything unusable.
+    """
+    text = origins_text(config)
+    return Settings(
+        secret=load_secret(config["secret-file"], SECRET_ENV, min_bytes=MIN_KEY_BYTES),
+        backend_secret=load_secret(
+            config["backend-secret-file"], BACKEND_SECRET_ENV, option="--backend-secret-file"
+        ),
+        api_key=load_secret(config["api-key-file"], API_KEY_ENV, option="--api-key-file"),
+        origins=OriginPolicy.parse(text),
+        origins_text=text,
+    )
 
 
 def _named(name: str, kind: type) -> Any:
@@ -305,24 +368,31 @@ def makeService(config: PushOptions) -> service.MultiService:
     if config["log-level"] != "debug":
         quiet_autobahn_debug()
     top = service.MultiService()
+    settings = Reloadable(lambda: load_settings(config))
+    ReloadOnHangup(settings).setServiceParent(top)
     node = make_node(config)
     node.setServiceParent(top)
     node.store.setServiceParent(top)
     Drain(node.hub, config["drain-window"], config["drain-timeout"]).setServiceParent(top)
     if config["trim-interval"] > 0:
         trimmer(config["trim-interval"]).setServiceParent(top)
-    ws_factory = make_ws_factory(config, node)
+    ws_factory = make_ws_factory(config, node, settings)
     Listener("WebSocket", "ws-port", config["ws-port"], None, ws_factory).setServiceParent(top)
     throttle = FailureThrottle(limit=config["auth-fail-limit"])
     backend = BackendFactory(
-        node, config["max-line"], BackendGate(config["backend-secret"], throttle)
+        node,
+        config["max-line"],
+        BackendGate(settings.backend_secret, throttle),
+        auth_timeout=config["auth-timeout"],
+        max_backends=config["max-backends"] or default_max_backends(),
+        max_pending=config["max-backend-pending"],
     )
     Listener("backend", "text-port", config["text-port"], LOCAL, backend).setServiceParent(top)
     if config["http-port"] != "off":
         # /ws on the HTTP port shares the --ws-port factory; no port starts it
         # for the resource, so a service does.
         FactoryService(ws_factory).setServiceParent(top)
-        site = make_site(node, config["api-key"], config["max-body"], ws_factory, throttle)
+        site = make_site(node, settings.api_key, config["max-body"], ws_factory, throttle)
         Listener("HTTP", "http-port", config["http-port"], LOCAL, site).setServiceParent(top)
     log_policy(config)
     return top
@@ -344,10 +414,11 @@ def make_node(config: PushOptions) -> Node:
     return Node(MemoryBroker(), store, default_ttl=config["history-ttl"])
 
 
-def make_ws_factory(config: PushOptions, node: Node) -> PushServerFactory:
+def make_ws_factory(config: PushOptions, node: Node, settings: Reloadable) -> PushServerFactory:
+    """The WebSocket factory; its authenticator and origin policy follow SIGHUP's reloads."""
     return PushServerFactory(
         node,
-        make_authenticator(config["secret"]),
+        settings,  # type: ignore[arg-type]  # authenticate() and signed, as an authenticator
         auth_timeout=config["auth-timeout"],
         max_frame=config["max-client-frame"],
         ping_interval=config["ping-interval"],
@@ -359,7 +430,7 @@ def make_ws_factory(config: PushOptions, node: Node) -> PushServerFactory:
         max_per_ip=config["max-per-ip"],
         client_rate=config["client-rate"],
         client_burst=config["client-burst"],
-        allowed_origins=config["origins"],
+        allowed_origins=settings,  # type: ignore[arg-type]  # allows(), as an OriginPolicy
         trust_x_forwarded_for=config["trust-x-forwarded-for"],
     )
 

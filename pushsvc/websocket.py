@@ -26,8 +26,10 @@ from pushsvc.errors import (
     CLOSE_AUTH_TIMEOUT,
     CLOSE_BAD_REQUEST,
     CLOSE_GOING_AWAY,
+    CLOSE_INVALID_TOKEN,
     CLOSE_POLICY,
     CLOSE_SLOW_CONSUMER,
+    CLOSE_TOKEN_EXPIRED,
     CLOSE_TOO_MANY_CONNECTIONS,
     AuthError,
 )
@@ -43,11 +45,24 @@ from pushsvc.policy import (
     TokenBucket,
     peer_ip,
 )
-from pushsvc.ratelog import RateLimitedLog
+from pushsvc.ratelog import RateLimitedLog, close_reason, peer_text
 
 # Module-level on purpose: Autobahn's classes keep their own ``log`` attribute
 # (a txaio logger whose debug calls are no-ops unless enabled).
 log = Logger()
+
+# pushsvc_rejected_total{reason} of refused credentials and of connections
+# Autobahn failed (each kind also has its own log line, once a minute at most).
+REFUSED = {
+    CLOSE_INVALID_TOKEN: "bad_token",
+    CLOSE_TOKEN_EXPIRED: "expired_token",
+    CLOSE_BAD_REQUEST: "bad_hello",
+}
+FAILED = {1002: "protocol_violation", 1007: "invalid_payload", 1009: "message_too_big"}
+RATE_NOTE = (
+    "({suppressed} more of this kind since the last such line; the next 60 s are only "
+    "counted in /metrics)"
+)
 
 
 def parse_hello(text: str) -> tuple[str, dict[str, Position] | None]:
@@ -99,6 +114,9 @@ class PushServerProtocol(WebSocketServerProtocol):
     _bucket: TokenBucket | None = None
     _guard: SendQueueGuard | None = None
     _gate: Replay | None = None  # while recovering history
+    # Autobahn's own line per failed connection (1002, 1007, 1009) is dropped;
+    # onClose counts and logs those, rate-limited.
+    log = compat.FailureLog(WebSocketServerProtocol.log)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -158,10 +176,24 @@ class PushServerProtocol(WebSocketServerProtocol):
             node.recover(self, identity.uid, identity.groups, since)
 
     def _refuse(self, error: AuthError) -> None:
-        self.factory.node.metrics.auth_failures[str(error.code)] += 1
-        # Never log the credential itself: a token is a bearer secret.
-        log.info("authentication failed from {peer}: {reason}", peer=self.peer, reason=error.reason)
-        self.sendClose(error.code, error.reason[:120])
+        """Close with the error's code; counted, and logged once a minute per kind.
+
+        The reason may quote the token (a JWT header is the peer's text): it is
+        escaped and bounded in the log and in the close frame.  Never log the
+        credential itself: a token is a bearer secret.
+        """
+        factory = self.factory
+        kind = REFUSED.get(error.code, f"auth_{error.code}")
+        factory.node.metrics.auth_failures[str(error.code)] += 1
+        factory.node.metrics.rejected[kind] += 1
+        reason = close_reason(error.reason)
+        factory.ratelog.emit(
+            kind,
+            "authentication failed from {peer}: {reason} " + RATE_NOTE,
+            peer=peer_text(self.peer or "?"),
+            reason=reason,
+        )
+        self.sendClose(error.code, reason)
 
     # -- the hub's Connection ----------------------------------------------------
 
@@ -195,6 +227,9 @@ class PushServerProtocol(WebSocketServerProtocol):
         compat.close_with(self, CLOSE_GOING_AWAY, b"server shutting down")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        failure = compat.failure_of(self)
+        if failure is not None:
+            _failed(self, *failure)
         self.factory.node.detach(self)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -392,6 +427,20 @@ class PushServerFactory(WebSocketServerFactory):
             if opened > deadline:
                 break
             conn.close(CLOSE_AUTH_TIMEOUT, "authentication timeout")
+
+
+def _failed(conn: PushServerProtocol, code: int, reason: str) -> None:
+    """A connection Autobahn failed (bad frames): counted, and logged once a minute per kind."""
+    factory = conn.factory
+    kind = FAILED.get(code, f"failed_{code}")
+    factory.node.metrics.rejected[kind] += 1
+    factory.ratelog.emit(
+        kind,
+        "closed a WebSocket from {peer} with {code}: {reason} " + RATE_NOTE,
+        peer=peer_text(conn.peer or "?"),
+        code=code,
+        reason=peer_text(reason),
+    )
 
 
 def _accept_deflate(offers: list) -> object | None:
