@@ -204,9 +204,21 @@ class PushSite(server.Site):
 
     requestFactory = LimitedRequest
 
-    def __init__(self, root: resource.Resource, max_body: int) -> None:
-        super().__init__(root)
+    def __init__(
+        self,
+        root: resource.Resource,
+        max_body: int,
+        ws_factory: PushServerFactory | None = None,
+    ) -> None:
+        # Idle connections (between requests, or a stalled request) end after
+        # --handshake-timeout, as request headers must arrive within it.
+        timeout = ws_factory.handshakes.timeout if ws_factory is not None else 60
+        super().__init__(root, timeout=timeout)
         self.max_body = max_body
+        self.ws_factory = ws_factory
+        if ws_factory is not None:
+            # Counted as WebSocket candidates from accept, headers bounded (browser.py).
+            self.protocol = browser.BrowserChannel
 
     def log(self, request: server.Request) -> None:
         """No per-request log lines: /metrics counts what matters."""
@@ -228,4 +240,4 @@ def make_site(
     root.putChild(b"healthz", HealthResource(node))
     root.putChild(b"metrics", MetricsResource(node))
     browser.add_resources(root, ws_factory)
-    return PushSite(root, max_body)
+    return PushSite(root, max_body, ws_factory)
