@@ -210,9 +210,10 @@ class PushSite(server.Site):
         max_body: int,
         ws_factory: PushServerFactory | None = None,
     ) -> None:
-        # Idle connections (between requests, or a stalled request) end after
-        # --handshake-timeout, as request headers must arrive within it.
-        timeout = ws_factory.handshakes.timeout if ws_factory is not None else 60
+        # Request headers must arrive within --handshake-timeout (an idle
+        # keep-alive connection too: browser.BrowserChannel); a stalled body
+        # ends after twice that without a byte (Twisted's idle timeout).
+        timeout = 2 * ws_factory.handshakes.timeout if ws_factory is not None else 60
         super().__init__(root, timeout=timeout)
         self.max_body = max_body
         self.ws_factory = ws_factory

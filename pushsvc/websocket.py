@@ -40,6 +40,7 @@ from pushsvc.policy import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_MAX_HANDSHAKE,
     DEFAULT_MAX_QUEUE,
+    FD_RESERVE,
     ConnectionCaps,
     Deadlines,
     OriginPolicy,
@@ -425,7 +426,7 @@ class PushServerFactory(WebSocketServerFactory):
             self._sweeper.stop()
         super().stopFactory()
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
         """A connection counted against the caps from accept, or a socket refused at once.
 
         Over a cap, the socket gets its HTTP status (503 or 429) and is closed
@@ -440,6 +441,8 @@ class PushServerFactory(WebSocketServerFactory):
         if reason is not None:
             status = ConnectionCaps.STATUS[reason]
             self.reject(reason, status, reason.replace("_", " "), ip)
+            if len(self.lingering) >= RefusedSocket.LINGER_MAX:
+                return None  # Twisted closes the socket at once, before the next accept
             return RefusedSocket(self, status, reason.replace("_", " "))
         self._pending = (ip, self.max_handshake)
         return super().buildProtocol(addr)
@@ -517,11 +520,11 @@ class RefusedSocket(Protocol):
     with a reset that can destroy the status before the client reads it; so
     what the client sends is read and dropped until it closes, for at most
     --handshake-timeout and --max-handshake bytes.  Only LINGER_MAX refused
-    sockets wait like that at a time (their descriptors are not counted in
-    the caps); past that the status is written and the socket closed at once.
+    sockets wait like that at a time (their descriptors come out of the fd
+    reserve); past that a refused socket is closed at accept, unanswered.
     """
 
-    LINGER_MAX = 64
+    LINGER_MAX = FD_RESERVE // 4
 
     def __init__(self, factory: PushServerFactory, status: int, reason: str) -> None:
         self.factory = factory
@@ -532,12 +535,7 @@ class RefusedSocket(Protocol):
         )
 
     def connectionMade(self) -> None:
-        lingering = self.factory.lingering
-        if len(lingering) >= self.LINGER_MAX:
-            self.transport.write(self.response)
-            self.transport.loseConnection()
-            return
-        lingering.add(self)
+        self.factory.lingering.add(self)
         self.factory.handshakes.add(self)
 
     def dataReceived(self, data: bytes) -> None:
