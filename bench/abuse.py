@@ -1,15 +1,19 @@
 """Issue 11's attacks, each against a fresh ``twistd push``, while a legitimate client is served.
 
-Each attack runs for a bounded time (``--seconds``, default 8: past the 5 s handshake deadline) with a bounded
-number of sockets from 127.0.0.2 (127.0.0.x for the many-address ones)
-against a server on 127.0.0.1 started on free ports for that attack alone.
+Each attack runs for a bounded time (``--seconds``, default 8: past the 5 s
+handshake deadline) with a bounded number of sockets from 127.0.0.2
+(127.0.0.x for the many-address ones) against a server on 127.0.0.1
+started on free ports for that attack alone.
 Meanwhile a client on 127.0.0.1 connects and receives a push every 0.2 s.
 Per attack it prints: the server's RSS at start and its peak, its peak
 descriptor count (/proc/PID/status VmRSS and /proc/PID/fd, sampled every
 50 ms), how long attacking sockets lived (open to server close: median and
 max; "open" if the server had not closed them when the attack ended), the
 bytes the server's log grew, and whether the legitimate client was served
-(connected, and received every push).
+(connected, and received every push), and whether ``/healthz`` and the
+backend port answered at the end of the attack.  The "side" column says
+which half of issue 11 built the server's defence (A: WebSocket handshakes,
+caps and descriptors; B: backend port, HTTP API, parsing and log floods).
 
     python bench/abuse.py                  # every attack, about two minutes
     python bench/abuse.py --only header_bomb half_open
@@ -34,6 +38,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import jwt
 from websockets.sync.client import connect
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -148,10 +153,12 @@ def legit(server: Server, stop: threading.Event, result: dict) -> None:
     uid, sent, got = "legit-client", 0, 0
     try:
         with connect(f"ws://127.0.0.1:{server.ws}/", open_timeout=5) as c:
-            c.send(uid)
+            secret = "--secret-file" in " ".join(result["args"])
+            exp = int(time.time()) + 3600
+            c.send(jwt.encode({"sub": uid, "exp": exp}, SECRET, "HS256") if secret else uid)
             with socket.create_connection(("127.0.0.1", server.text), timeout=5) as b:
                 f = b.makefile("rb")
-                if "--backend-secret-file" in result["args"]:
+                if secret:
                     b.sendall(json.dumps({"cmd": "auth", "secret": SECRET}).encode() + b"\n")
                     f.readline()
                 while not stop.is_set():
@@ -252,6 +259,22 @@ def many_ips(server: Server, watch: Watch, until: float) -> None:
         watch.poll()
 
 
+def still_answers(server: Server) -> str:
+    """Whether /healthz and the backend port answer now (during the attack)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.http}/healthz", timeout=5) as r:
+            health = str(r.status)
+    except (urllib.error.URLError, OSError) as e:
+        health = type(e).__name__
+    try:
+        with socket.create_connection(("127.0.0.1", server.text), timeout=5) as b:
+            b.sendall(b'{"cmd":"stats"}\n')
+            backend = "ok" if b.makefile("rb").readline() else "closed"
+    except OSError as e:
+        backend = type(e).__name__
+    return f"{health}/{backend}"
+
+
 def secret_files(workdir: Path) -> list[str]:
     path = workdir / "secret"
     path.write_text(SECRET)
@@ -314,6 +337,7 @@ def run(name: str, seconds: float) -> dict:
             time.sleep(0.3)
             watch = Watch()
             attack(server, watch, time.monotonic() + seconds)
+            answers = still_answers(server)
             lived = watch.summary()
             stop.set()
             for t in threads:
@@ -327,6 +351,7 @@ def run(name: str, seconds: float) -> dict:
                 "socket_lived": lived,
                 "log_bytes": len(server.log_bytes()) - log0,
                 "legit_served": result.get("served"),
+                "healthz_backend": answers,
             }
         finally:
             server.stop()
@@ -349,6 +374,7 @@ def main() -> None:
         "socket_lived",
         "log_bytes",
         "legit_served",
+        "healthz_backend",
     ]
     print(" | ".join(columns))
     for name in options.only or ATTACKS:
