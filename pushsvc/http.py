@@ -224,6 +224,16 @@ class PushSite(server.Site):
     def log(self, request: server.Request) -> None:
         """No per-request log lines: /metrics counts what matters."""
 
+    def getResourceFor(self, request: server.Request) -> resource.IResource:
+        """A connection whose request is not ``/ws`` is no WebSocket candidate any more."""
+        found = super().getResourceFor(request)
+        channel = request.channel
+        if isinstance(channel, browser.BrowserChannel) and not isinstance(
+            found, browser.CountedWebSocketResource
+        ):
+            channel.release()
+        return found
+
 
 def make_site(
     node: Node,

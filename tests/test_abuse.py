@@ -6,6 +6,7 @@ server's 127.0.0.1 ports, so per-address limits can be seen on one machine.
 
 from __future__ import annotations
 
+import http.client
 import socket
 import time
 import urllib.request
@@ -169,3 +170,18 @@ def test_a_flood_of_bad_handshakes_writes_a_bounded_log(start_server) -> None:
     added = server.log()[before:]
     assert added.count("refused a WebSocket handshake") == 2, added  # one line per kind
     assert len(added.splitlines()) <= 4, added
+
+
+def test_an_http_request_that_is_not_ws_stops_counting(start_server) -> None:
+    """A keep-alive /healthz connection does not hold its address's only WebSocket slot."""
+    server = start_server("--max-per-ip=1")
+    api = http.client.HTTPConnection(
+        "127.0.0.1", server.http_port, timeout=5, source_address=(ATTACKER, 0)
+    )
+    api.request("GET", "/healthz")
+    assert api.getresponse().read() and api.sock is not None  # still open: keep-alive
+    uid = new_uid("after-api")
+    with client_from(f"ws://127.0.0.1:{server.http_port}/ws", ATTACKER, uid) as c:
+        server.push_until_delivered(uid, "counted once")
+        assert c.recv(timeout=5) == "counted once"
+    api.close()
