@@ -177,6 +177,54 @@ def drop_quietly(conn: Any, drop: Callable[[bool], None], abort: bool) -> None:
         conn.wasClean = False
 
 
+# -- Autobahn: the opening handshake (WebSocketServerProtocol.processHandshake, self.data)
+# Tested with Autobahn 23.1 - 26.11: while STATE_CONNECTING, _dataReceived appends
+# every read to self.data and processHandshake searches all of it for the blank
+# line again, with no size limit (until openHandshakeTimeout).
+
+
+class HandshakeTooLarge(Exception):
+    """The request line and headers passed the byte limit without ending."""
+
+
+class HandshakeReader:
+    """Collects an opening handshake with a byte limit and linear work per received byte.
+
+    Autobahn's own buffering costs a copy of the whole buffer and a search
+    from its start on every read (quadratic: one endless header used a core
+    and 31 MB in 10 s).  Here each read is appended to one bytearray and only
+    the new bytes (and three before them) are searched; the complete head is
+    then handed to Autobahn in one ``dataReceived``, which parses it once.
+    """
+
+    __slots__ = ("_buffer", "_scanned", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._buffer = bytearray()
+        self._scanned = 0
+
+    def feed(self, data: bytes) -> bytes | None:
+        """The whole buffer once it holds the end of the headers; None while it does not.
+
+        Raises HandshakeTooLarge once the headers (up to their blank line)
+        pass ``limit`` bytes.
+        """
+        buffer = self._buffer
+        buffer += data
+        end = buffer.find(b"\r\n\r\n", max(0, self._scanned - 3))
+        if end < 0:
+            self._scanned = len(buffer)
+            if len(buffer) > self.limit:
+                raise HandshakeTooLarge(len(buffer))
+            return None
+        if end + 4 > self.limit:
+            raise HandshakeTooLarge(end + 4)
+        head = bytes(buffer)
+        self._buffer = bytearray()
+        return head
+
+
 # -- txredisapi: the consistent hash keys its nodes by ``node._factory.uuid`` ------------
 
 
@@ -219,6 +267,7 @@ def problems() -> list[str]:
     for name in DEBUG_FORMATTERS:
         if not any(hasattr(m, name) for m in modules):
             found.append(f"autobahn.websocket.protocol.{name} (compat.quiet_autobahn_debug)")
+    found += _handshake_problems()
     if not isinstance(getattr(WebSocketServerProtocol, "CONFIG_ATTRS", None), list):
         found.append("WebSocketServerProtocol.CONFIG_ATTRS (compat.protocol_with_options)")
     for name in (
@@ -237,6 +286,27 @@ def problems() -> list[str]:
     except Exception as e:  # noqa: BLE001 - any failure means the internal changed
         found.append(f"txredisapi.HashRing keyed by _factory.uuid (compat.hash_ring): {e!r}")
     return found + _failure_problems()
+
+
+def _handshake_problems() -> list[str]:
+    """HandshakeReader relies on Autobahn parsing a complete head given in one read."""
+    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+    from twisted.internet.testing import StringTransport
+
+    proto = WebSocketServerProtocol()
+    proto.factory = WebSocketServerFactory()
+    proto.factory.setProtocolOptions(openHandshakeTimeout=0)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    if proto.state != WebSocketServerProtocol.STATE_CONNECTING:
+        return ["WebSocketServerProtocol.STATE_CONNECTING at connect (compat.HandshakeReader)"]
+    proto.dataReceived(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    if proto.state != WebSocketServerProtocol.STATE_OPEN:
+        return ["Autobahn did not open on a complete head in one read (compat.HandshakeReader)"]
+    return []
 
 
 def _tcp_server() -> tuple[tcp.Server, Any]:

@@ -259,12 +259,35 @@ class PushSite(server.Site):
 
     requestFactory = LimitedRequest
 
-    def __init__(self, root: resource.Resource, max_body: int) -> None:
-        super().__init__(root)
+    def __init__(
+        self,
+        root: resource.Resource,
+        max_body: int,
+        ws_factory: PushServerFactory | None = None,
+    ) -> None:
+        # Request headers must arrive within --handshake-timeout (an idle
+        # keep-alive connection too: browser.BrowserChannel); a stalled body
+        # ends after twice that without a byte (Twisted's idle timeout).
+        timeout = 2 * ws_factory.handshakes.timeout if ws_factory is not None else 60
+        super().__init__(root, timeout=timeout)
         self.max_body = max_body
+        self.ws_factory = ws_factory
+        if ws_factory is not None:
+            # Counted as WebSocket candidates from accept, headers bounded (browser.py).
+            self.protocol = browser.BrowserChannel
 
     def log(self, request: server.Request) -> None:
         """No per-request log lines: /metrics counts what matters."""
+
+    def getResourceFor(self, request: server.Request) -> resource.IResource:
+        """A connection whose request is not ``/ws`` is no WebSocket candidate any more."""
+        found = super().getResourceFor(request)
+        channel = request.channel
+        if isinstance(channel, browser.BrowserChannel) and not isinstance(
+            found, browser.CountedWebSocketResource
+        ):
+            channel.release()
+        return found
 
 
 def make_site(
@@ -283,4 +306,4 @@ def make_site(
     root.putChild(b"healthz", HealthResource(node))
     root.putChild(b"metrics", MetricsResource(node))
     browser.add_resources(root, ws_factory)
-    return PushSite(root, max_body)
+    return PushSite(root, max_body, ws_factory)

@@ -1,7 +1,9 @@
 """What clients may do: origins, connection counts, frame rates, send queues, failed credentials.
 
-Each limit is enforced where it is cheapest: total connections by Autobahn at
-the opening handshake, per-IP counts in ``onConnect``, per-uid counts at
+Each limit is enforced where it is cheapest: total and per-IP connections
+from accept (before a byte is read; per-IP in ``onConnect`` when the address
+comes from X-Forwarded-For), the opening handshake's size as it arrives and
+its deadline in one sweep, per-uid counts at
 authentication, client frames per frame header, and the send queue only
 while the transport says it is full (so a push to a healthy connection costs
 nothing extra).  Failed backend secrets and API keys are counted per IP: past
@@ -31,13 +33,18 @@ DEFAULT_MAX_QUEUE = 1 << 20
 # File descriptors kept free for backend connections, the HTTP port, log
 # files and listening sockets when --max-connections is derived from the fd limit.
 FD_RESERVE = 100
+# The opening handshake (request line and headers): at most this many bytes
+# (as Go's and nginx's defaults bound theirs), within this many seconds of accept.
+DEFAULT_MAX_HANDSHAKE = 16 * 1024
+DEFAULT_HANDSHAKE_TIMEOUT = 5.0
 
 
 def default_max_connections(reserve: int = FD_RESERVE) -> int:
     """WebSocket connections the fd limit allows, keeping ``reserve`` descriptors for the rest.
 
-    Refusing with 503 at the handshake is better than running out of
-    descriptors: then accept() fails for backends and the HTTP port too.
+    Refusing WebSocket sockets at accept (counted from accept, half-open ones
+    included) is better than running out of descriptors: then accept() fails
+    for backends and the HTTP port too.
     0 (no limit) when the fd limit is unlimited.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -150,11 +157,14 @@ class PerKeyCounter:
 
     def acquire(self, key: str) -> bool:
         """Count one more connection for ``key``; False (and not counted) when at the limit."""
-        count = self._counts.get(key, 0)
-        if self.limit and count >= self.limit:
+        if not self.would_admit(key):
             return False
-        self._counts[key] = count + 1
+        self._counts[key] = self._counts.get(key, 0) + 1
         return True
+
+    def would_admit(self, key: str) -> bool:
+        """Whether :meth:`acquire` would count ``key`` now."""
+        return not self.limit or self._counts.get(key, 0) < self.limit
 
     def release(self, key: str) -> None:
         count = self._counts.get(key, 0) - 1
@@ -162,6 +172,89 @@ class PerKeyCounter:
             self._counts[key] = count
         else:
             self._counts.pop(key, None)
+
+
+class ConnectionCaps:
+    """``--max-connections`` and ``--max-per-ip``, counted from the moment a socket is accepted.
+
+    A socket still sending its opening handshake holds a descriptor like an
+    open WebSocket, so it counts like one (as HAProxy counts per source from
+    accept): half-open sockets cannot push the count past the caps.  A
+    refused socket is never counted, so one address over its own share
+    takes nothing from the total other addresses can use.  ``per_ip`` is 0
+    (not counted) when the client address is only known from the headers
+    (``--trust-x-forwarded-for``): then only the total is counted here.
+    """
+
+    TOO_MANY = "too_many_connections"
+    TOO_MANY_FROM_IP = "too_many_from_ip"
+    STATUS = {TOO_MANY: 503, TOO_MANY_FROM_IP: 429}
+
+    def __init__(self, total: int, per_ip: int) -> None:
+        self.total = total
+        self.count = 0
+        self.per_ip = PerKeyCounter(per_ip) if per_ip else None
+
+    def refusal(self, ip: str) -> str | None:
+        """Why a socket from ``ip`` would be refused now (None: it would be admitted)."""
+        if self.total and self.count >= self.total:
+            return self.TOO_MANY
+        if self.per_ip is not None and not self.per_ip.would_admit(ip):
+            return self.TOO_MANY_FROM_IP
+        return None
+
+    def acquire(self, ip: str) -> str | None:
+        """Count a socket from ``ip``; the reason it is refused instead (then not counted)."""
+        reason = self.refusal(ip)
+        if reason is None:
+            self.count += 1
+            if self.per_ip is not None:
+                self.per_ip.acquire(ip)
+        return reason
+
+    def release(self, ip: str) -> None:
+        """A socket counted by :meth:`acquire` is gone (or handed on)."""
+        self.count -= 1
+        if self.per_ip is not None:
+            self.per_ip.release(ip)
+
+
+class Deadlines:
+    """Sockets that must finish something (their opening handshake) by a deadline, in one sweep.
+
+    Entries are kept in the order they were added, which is the order of
+    their deadlines, so a sweep stops at the first one still in time: one
+    timer for all sockets instead of one per socket, and O(expired) work.
+    """
+
+    def __init__(self, timeout: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.timeout = timeout
+        self._clock = clock
+        self._since: dict[Any, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._since)
+
+    def add(self, conn: Any) -> None:
+        """Start (or restart) ``conn``'s deadline now."""
+        self._since.pop(conn, None)
+        self._since[conn] = self._clock()
+
+    def discard(self, conn: Any) -> None:
+        """``conn`` finished in time, or is gone."""
+        self._since.pop(conn, None)
+
+    def expired(self) -> list[Any]:
+        """Remove and return every entry past its deadline, oldest first."""
+        limit = self._clock() - self.timeout
+        late = []
+        for conn, since in self._since.items():
+            if since > limit:
+                break
+            late.append(conn)
+        for conn in late:
+            del self._since[conn]
+        return late
 
 
 # -- origins -------------------------------------------------------------------

@@ -35,6 +35,8 @@ from pushsvc.http import make_site
 from pushsvc.listeners import Listener, check_endpoint
 from pushsvc.node import Node
 from pushsvc.policy import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_HANDSHAKE,
     DEFAULT_MAX_QUEUE,
     FailureThrottle,
     OriginPolicy,
@@ -68,11 +70,35 @@ LIMIT_PARAMETERS = [
         "max-connections",
         None,
         0,
-        "WebSocket connections in all; more get HTTP 503 (0: the fd limit minus 100).",
+        "WebSocket connections in all, counted from accept; more get HTTP 503 and are "
+        "closed at once (0: the fd limit minus 100).",
         int,
     ],
+    [
+        "max-handshake",
+        None,
+        DEFAULT_MAX_HANDSHAKE,
+        "Bytes of request line and headers a WebSocket handshake (on --ws-port and /ws) may "
+        "send; more get HTTP 431 (--ws-port) or 400 (the HTTP port).",
+        int,
+    ],
+    [
+        "handshake-timeout",
+        None,
+        DEFAULT_HANDSHAKE_TIMEOUT,
+        "Seconds from accept within which the request line and headers must have arrived "
+        "(both ports; also the HTTP port's idle timeout); then HTTP 408 and close.",
+        float,
+    ],
     ["max-per-uid", None, 0, "Connections per uid; more are closed with 4029 (0: no limit).", int],
-    ["max-per-ip", None, 0, "Connections per client IP; more get HTTP 429 (0: no limit).", int],
+    [
+        "max-per-ip",
+        None,
+        0,
+        "WebSocket connections per client IP, counted from accept; more get HTTP 429 and are "
+        "closed at once (0: no limit).",
+        int,
+    ],
     [
         "trust-x-forwarded-for",
         None,
@@ -314,7 +340,15 @@ class PushOptions(usage.Options):
                 parse_redis_url(url)
             except ValueError as e:
                 raise usage.UsageError(f"--redis {url!r}: {e}") from None
-        for name in ("auth-timeout", "max-line", "max-body", "max-client-frame", "drain-timeout"):
+        for name in (
+            "auth-timeout",
+            "max-line",
+            "max-body",
+            "max-client-frame",
+            "drain-timeout",
+            "max-handshake",
+            "handshake-timeout",
+        ):
             if self[name] <= 0:
                 raise usage.UsageError(f"--{name} {self[name]!r}: must be positive")
         for name in ("ping-interval", "ping-timeout"):
@@ -432,6 +466,8 @@ def make_ws_factory(config: PushOptions, node: Node, settings: Reloadable) -> Pu
         client_burst=config["client-burst"],
         allowed_origins=settings,  # type: ignore[arg-type]  # allows(), as an OriginPolicy
         trust_x_forwarded_for=config["trust-x-forwarded-for"],
+        max_handshake=config["max-handshake"],
+        handshake_timeout=config["handshake-timeout"],
     )
 
 

@@ -15,7 +15,8 @@ import time
 import orjson
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.protocol import connectionDone
+from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,7 +39,12 @@ from pushsvc.history.store import Position
 from pushsvc.hub import Frame
 from pushsvc.node import Node
 from pushsvc.policy import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_HANDSHAKE,
     DEFAULT_MAX_QUEUE,
+    FD_RESERVE,
+    ConnectionCaps,
+    Deadlines,
     OriginPolicy,
     PerKeyCounter,
     SendQueueGuard,
@@ -111,6 +117,8 @@ class PushServerProtocol(WebSocketServerProtocol):
     envelopes = False
     _query_token: str | None = None
     _ip: str | None = None  # counted in the factory's per-IP table while set
+    _counted: str | None = None  # counted in the factory's caps from accept while set
+    _head: compat.HandshakeReader | None = None  # while the opening handshake arrives
     _bucket: TokenBucket | None = None
     _guard: SendQueueGuard | None = None
     _gate: Replay | None = None  # while recovering history
@@ -121,13 +129,45 @@ class PushServerProtocol(WebSocketServerProtocol):
     def connectionMade(self) -> None:
         super().connectionMade()
         factory = self.factory
+        self._counted, limit = factory.claim()
+        if limit:
+            self._head = compat.HandshakeReader(limit)
+        factory.handshakes.add(self)
         if factory.max_queue:
             self._guard = SendQueueGuard(factory.max_queue, self._slow_consumer)
             compat.replace_producer(self.transport, self._guard)
         if factory.client_rate:
             self._bucket = TokenBucket(factory.client_rate, factory.client_burst)
 
+    def dataReceived(self, data: bytes) -> None:
+        """Until the headers are complete: collected with a byte limit, parsed once."""
+        reader = self._head
+        if reader is None:
+            super().dataReceived(data)
+            return
+        try:
+            head = reader.feed(data)
+        except compat.HandshakeTooLarge:
+            self._head = None
+            self._reject("handshake_too_large", 431, "request header fields too large")
+            return
+        if head is not None:
+            self._head = None
+            self.factory.handshakes.discard(self)
+            super().dataReceived(head)
+
+    def handshake_expired(self) -> None:
+        """The opening handshake did not complete within --handshake-timeout of accept."""
+        if self.state == self.STATE_CONNECTING:
+            self._head = None
+            self._reject("handshake_timeout", 408, "handshake timeout")
+
+    def _reject(self, kind: str, code: int, reason: str) -> None:
+        self.factory.reject(kind, code, reason, self.peer)
+        compat.refuse_handshake(self, code, reason, None)
+
     def onConnect(self, request: ConnectionRequest) -> None:
+        self.factory.handshakes.discard(self)
         self._ip = self.factory.admit(request)
         tokens = request.params.get("token")
         if tokens:
@@ -234,6 +274,11 @@ class PushServerProtocol(WebSocketServerProtocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         super().connectionLost(reason)
+        factory = self.factory
+        factory.handshakes.discard(self)
+        if self._counted is not None:
+            factory.caps.release(self._counted)
+            self._counted = None
         if self._ip is not None:
             self.factory.per_ip.release(self._ip)
             self._ip = None
@@ -330,6 +375,8 @@ class PushServerFactory(WebSocketServerFactory):
         client_burst: int = 0,
         allowed_origins: OriginPolicy | None = None,
         trust_x_forwarded_for: int = 0,
+        max_handshake: int = DEFAULT_MAX_HANDSHAKE,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         super().__init__(url, server="pushsvc")  # no library version in the 101 response
         self.node = node
@@ -337,7 +384,16 @@ class PushServerFactory(WebSocketServerFactory):
         self.auth_timeout = auth_timeout
         self.max_queue = max_queue
         self.max_per_uid = max_per_uid
-        self.per_ip = PerKeyCounter(max_per_ip)
+        self.max_handshake = max_handshake
+        self.handshakes = Deadlines(handshake_timeout)
+        # Counted from accept; per IP there only when the TCP peer is the client.
+        self.caps = ConnectionCaps(max_connections, 0 if trust_x_forwarded_for else max_per_ip)
+        # Counted at the handshake by the X-Forwarded-For address otherwise.
+        self.per_ip = PerKeyCounter(max_per_ip if trust_x_forwarded_for else 0)
+        self._xff = bool(trust_x_forwarded_for)
+        self._pending: tuple[str | None, int] = (None, 0)
+        self._handover: tuple[str | None, int] | None = None
+        self.lingering: set[RefusedSocket] = set()  # refused at accept, reading to the end
         self.client_rate = client_rate
         self.client_burst = max(client_burst, 1) if client_rate else 0
         self.origins = allowed_origins or OriginPolicy(None)
@@ -347,11 +403,10 @@ class PushServerFactory(WebSocketServerFactory):
             ping_interval,
             ping_timeout,
             compression,
-            max_connections,
             trust_x_forwarded_for,
         )
         self.protocol = compat.protocol_with_options(self)
-        self._sweeper = LoopingCall(self._close_unauthenticated)
+        self._sweeper = LoopingCall(self._sweep)
 
     def _set_options(
         self,
@@ -359,7 +414,6 @@ class PushServerFactory(WebSocketServerFactory):
         ping_interval: float,
         ping_timeout: float,
         compression: bool,
-        max_connections: int,
         trust_x_forwarded_for: int,
     ) -> None:
         # All options in one call: a second setProtocolOptions call resets
@@ -369,14 +423,15 @@ class PushServerFactory(WebSocketServerFactory):
             maxMessagePayloadSize=max_frame,
             autoPingInterval=ping_interval or 0,
             autoPingTimeout=ping_timeout if ping_interval else 0,
-            openHandshakeTimeout=max(self.auth_timeout, 5.0),
+            # The handshake deadline is the factory's sweep (--handshake-timeout).
+            openHandshakeTimeout=0,
             closeHandshakeTimeout=2,
             # Protocol violations get a close frame with a code (1002, 1007,
             # 1009...) instead of a silent TCP drop, so clients can tell why.
             failByDrop=False,
             perMessageCompressionAccept=_accept_deflate if compression else None,
-            # Over --max-connections: HTTP 503 at the handshake (Autobahn's check).
-            maxConnections=max_connections,
+            # --max-connections is counted from accept (self.caps), not by Autobahn.
+            maxConnections=0,
             # The peer address (for per-IP limits and logs) is taken from the
             # X-Forwarded-For entry this many proxies back; 0 ignores the header.
             trustXForwardedFor=trust_x_forwarded_for,
@@ -390,7 +445,8 @@ class PushServerFactory(WebSocketServerFactory):
 
     def startFactory(self) -> None:
         super().startFactory()
-        interval = max(0.05, min(1.0, self.auth_timeout / 4))
+        shortest = min(self.auth_timeout, self.handshakes.timeout)
+        interval = max(0.05, min(1.0, shortest / 4))
         self._sweeper.start(interval, now=False)
 
     def stopFactory(self) -> None:
@@ -398,20 +454,68 @@ class PushServerFactory(WebSocketServerFactory):
             self._sweeper.stop()
         super().stopFactory()
 
-    def admit(self, request: ConnectionRequest) -> str:
-        """The client's address, counted; refuses what the origins or per-IP limit do not allow."""
+    def buildProtocol(self, addr: IAddress) -> Protocol | None:
+        """A connection counted against the caps from accept, or a socket refused at once.
+
+        Over a cap, the socket gets its HTTP status (503 or 429) and is closed
+        before anything is read from it, so it holds its descriptor no longer.
+        """
+        handover, self._handover = self._handover, None
+        if handover is not None:  # /ws: counted since the HTTP channel's accept
+            self._pending = handover
+            return super().buildProtocol(addr)
+        ip = getattr(addr, "host", None) or "?"
+        reason = self.caps.acquire(ip)
+        if reason is not None:
+            status = ConnectionCaps.STATUS[reason]
+            self.reject(reason, status, reason.replace("_", " "), ip)
+            if len(self.lingering) >= RefusedSocket.LINGER_MAX:
+                return None  # Twisted closes the socket at once, before the next accept
+            return RefusedSocket(self, status, reason.replace("_", " "))
+        self._pending = (ip, self.max_handshake)
+        return super().buildProtocol(addr)
+
+    def hand_over(self, ip: str) -> None:
+        """The next connection built (by ``/ws``) takes over ``ip``'s count in ``caps``.
+
+        Its request line and headers were already read and bounded by the
+        HTTP channel, so it gets no byte limit of its own.
+        """
+        self._handover = (ip, 0)
+
+    def cancel_hand_over(self) -> None:
+        """Release the count of a hand-over no connection took (``/ws`` failed before)."""
+        handover, self._handover = self._handover, None
+        if handover is not None and handover[0] is not None:
+            self.caps.release(handover[0])
+
+    def claim(self) -> tuple[str | None, int]:
+        """For the connection just built: the address counted for it and its handshake limit."""
+        pending, self._pending = self._pending, (None, 0)
+        return pending
+
+    def admit(self, request: ConnectionRequest) -> str | None:
+        """The forwarded address, counted; refuses what the origins or per-IP limit do not allow."""
         if not self.origins.allows(request.origin):
             raise ConnectionDeny(403, "origin not allowed")
+        if not self._xff:
+            return None  # counted by the TCP peer's address from accept
         ip = peer_ip(request.peer)
         if not self.per_ip.acquire(ip):
+            self.node.metrics.rejected[ConnectionCaps.TOO_MANY_FROM_IP] += 1
             raise ConnectionDeny(429, "too many connections from this address")
         return ip
 
-    def refused(self, code: int, reason: str, peer: str | None) -> None:
-        """Count a refused handshake; log one line a minute at most."""
+    def reject(self, kind: str, code: int, reason: str, peer: str | None) -> None:
+        """A handshake refused for ``kind`` (a ``rejected`` reason), logged per kind."""
+        self.node.metrics.rejected[kind] += 1
+        self.refused(code, reason, peer, kind)
+
+    def refused(self, code: int, reason: str, peer: str | None, kind: str = "refused") -> None:
+        """Count a refused handshake; log one line a minute at most per kind."""
         self.node.metrics.handshake_refusals[str(code)] += 1
         self.ratelog.emit(
-            "refused",
+            kind,
             "refused a WebSocket handshake from {peer}: {code} {reason} "
             "({suppressed} more since the last such line; the next 60 s are only counted "
             "in /metrics)",
@@ -420,8 +524,14 @@ class PushServerFactory(WebSocketServerFactory):
             reason=reason,
         )
 
+    def _sweep(self) -> None:
+        """One timer for every connection's deadlines, instead of a timer each."""
+        for conn in self.handshakes.expired():
+            conn.handshake_expired()
+        self._close_unauthenticated()
+
     def _close_unauthenticated(self) -> None:
-        """One sweep for every connection's auth timeout, instead of a timer each."""
+        """Close connections open for --auth-timeout without a uid."""
         deadline = time.monotonic() - self.auth_timeout
         for conn, opened in self.node.waiting_since():
             if opened > deadline:
@@ -441,6 +551,49 @@ def _failed(conn: PushServerProtocol, code: int, reason: str) -> None:
         code=code,
         reason=peer_text(reason),
     )
+
+
+class RefusedSocket(Protocol):
+    """A socket over a connection cap: its HTTP status at once, never parsed, soon closed.
+
+    The status is written once the client has sent something (a client
+    reads no response before it has sent its request), then the write side
+    is shut.  Closing with the request unread would make the kernel answer
+    with a reset that can destroy the status before the client reads it; so
+    what the client sends is read and dropped until it closes, for at most
+    --handshake-timeout and --max-handshake bytes.  Only LINGER_MAX refused
+    sockets wait like that at a time (their descriptors come out of the fd
+    reserve); past that a refused socket is closed at accept, unanswered.
+    """
+
+    LINGER_MAX = FD_RESERVE // 4
+
+    def __init__(self, factory: PushServerFactory, status: int, reason: str) -> None:
+        self.factory = factory
+        self.received = 0
+        self.response = b"HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Length: 0\r\n\r\n" % (
+            status,
+            reason.encode("ascii"),
+        )
+
+    def connectionMade(self) -> None:
+        self.factory.lingering.add(self)
+        self.factory.handshakes.add(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.received:
+            self.transport.write(self.response)
+            self.transport.loseWriteConnection()
+        self.received += len(data)
+        if self.received > self.factory.max_handshake:
+            self.transport.abortConnection()
+
+    def handshake_expired(self) -> None:
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.lingering.discard(self)
+        self.factory.handshakes.discard(self)
 
 
 def _accept_deflate(offers: list) -> object | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -47,6 +48,15 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def fd_limit(nofile: int) -> Callable[[], None]:
+    """A ``preexec_fn`` giving a child ``nofile`` descriptors (``ulimit -n``)."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    return limit
+
+
 def new_uid(prefix: str = "u") -> str:
     """A uid no other test uses, so tests can share a server."""
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
@@ -64,7 +74,13 @@ def until(predicate: Callable[[], object], timeout: float = 5.0, what: str = "co
 class PushServer:
     """A ``twistd -n push`` subprocess on ephemeral 127.0.0.1 ports."""
 
-    def __init__(self, workdir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        nofile: int | None = None,
+    ) -> None:
         self.workdir = workdir
         self.logfile = workdir / "twistd.log"
         cmd = [
@@ -79,7 +95,9 @@ class PushServer:
             *args,
         ]
         self.args = args
-        self.proc = subprocess.Popen(cmd, cwd=workdir, env=child_env(env))
+        self.proc = subprocess.Popen(
+            cmd, cwd=workdir, env=child_env(env), preexec_fn=fd_limit(nofile) if nofile else None
+        )
         ports = self._wait_for_ports()
         self.ws_port = ports["WebSocket"]
         self.text_port = ports["backend"]
@@ -214,10 +232,12 @@ def start_server(tmp_path: Path) -> Iterator:
     """Start ``twistd push`` with extra arguments; stopped at teardown."""
     servers: list[PushServer] = []
 
-    def start(*args: str, env: dict[str, str] | None = None) -> PushServer:
+    def start(
+        *args: str, env: dict[str, str] | None = None, nofile: int | None = None
+    ) -> PushServer:
         workdir = tmp_path / f"server{len(servers)}"
         workdir.mkdir()
-        server = PushServer(workdir, *args, env=env)
+        server = PushServer(workdir, *args, env=env, nofile=nofile)
         servers.append(server)
         return server
 

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import resource
+import time
 
+import pytest
 from rawws import TEXT, frame, request
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from pushsvc.auth import UidAuthenticator
 from pushsvc.broker.memory import MemoryBroker
+from pushsvc.compat import HandshakeReader, HandshakeTooLarge
 from pushsvc.history.store import MemoryStore
 from pushsvc.node import Node
 from pushsvc.policy import (
+    ConnectionCaps,
+    Deadlines,
     FailureThrottle,
     SendQueueGuard,
     TokenBucket,
@@ -141,3 +146,51 @@ def test_overflow_inside_a_fan_out_loop() -> None:
     assert node.connections_of("unit-uid") == 0
     assert node.connections_of("other-uid") == 1
     assert node.metrics.disconnects["slow_consumer"] == 2
+
+
+def test_connection_caps_refuse_without_counting() -> None:
+    caps = ConnectionCaps(total=4, per_ip=2)
+    assert [caps.acquire("a") for _ in range(3)] == [None, None, "too_many_from_ip"]
+    assert caps.acquire("b") is None and caps.acquire("c") is None
+    assert caps.acquire("d") == "too_many_connections"  # the refused "a" took no slot
+    caps.release("a")
+    assert caps.refusal("a") is None and caps.acquire("d") is None
+
+
+def test_deadlines_sweep_only_the_expired_in_order() -> None:
+    clock = Clock()
+    deadlines = Deadlines(5.0, clock=clock.seconds)
+    deadlines.add("first")
+    clock.advance(2)
+    deadlines.add("second")
+    deadlines.add("third")
+    deadlines.discard("third")
+    clock.advance(3)
+    assert deadlines.expired() == ["first"]
+    deadlines.add("second")  # restarted: a keep-alive connection's next request
+    clock.advance(4.9)
+    assert deadlines.expired() == [] and len(deadlines) == 1
+    clock.advance(0.1)
+    assert deadlines.expired() == ["second"] and len(deadlines) == 0
+
+
+def test_handshake_reader_finds_the_end_across_reads_and_bounds_the_size() -> None:
+    reader = HandshakeReader(64)
+    assert reader.feed(b"GET / HTTP/1.1\r") is None
+    assert reader.feed(b"\n\r") is None
+    assert reader.feed(b"\nrest") == b"GET / HTTP/1.1\r\n\r\nrest"
+    reader = HandshakeReader(64)
+    assert reader.feed(b"x" * 64) is None
+    with pytest.raises(HandshakeTooLarge):
+        reader.feed(b"x")
+    with pytest.raises(HandshakeTooLarge):  # complete, but over the limit
+        HandshakeReader(16).feed(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+
+
+def test_handshake_reader_work_is_linear_in_the_bytes_received() -> None:
+    """A megabyte in 1-byte reads: a rescan per read would be ~10^12 byte comparisons."""
+    reader = HandshakeReader(1 << 21)
+    start = time.process_time()
+    for _ in range(1 << 20):
+        reader.feed(b"a")
+    assert time.process_time() - start < 5
