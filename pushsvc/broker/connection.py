@@ -182,6 +182,8 @@ class RedisConnection(Protocol):
 class RedisConnectionFactory(Factory):
     """Builds one connection per (re)connect, with its owner's callbacks."""
 
+    noisy = False  # no "Starting factory" line per reconnect
+
     def __init__(self, build: Callable[[], RedisConnection]) -> None:
         self._build = build
         self.current: RedisConnection | None = None  # the latest connection (for the watchdog)

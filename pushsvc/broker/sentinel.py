@@ -7,20 +7,27 @@ turn (``SENTINEL get-master-addr-by-name``) and connects to the address the
 first one that answers gives.  The shard then checks ``ROLE`` says master:
 during a failover a sentinel may still name the old master for a moment, and
 the sentinels disconnect the old master's clients when they demote it, so a
-node follows a failover by reconnecting and asking again.
+node follows a failover by reconnecting and asking again.  It does not wait
+for that (a sentinel demotes the old master seconds later): each node also
+subscribes to ``+switch-master`` on a sentinel and reconnects as soon as one
+announces the new master.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
 import hiredis
+from twisted.application.internet import ClientService
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+
+from pushsvc.broker.connection import RedisConnection, RedisConnectionFactory
 
 log = Logger()
 
@@ -102,10 +109,58 @@ class SentinelEndpoint:
             problems.append(f"{host}:{port}: does not know master {self.master!r} ({reply!r})")
         raise ConnectError(string="no sentinel named the master: " + "; ".join(problems))
 
+    def watch(self, switched: Callable[[], None]) -> ClientService:
+        """A service subscribed to ``+switch-master`` on a sentinel: ``switched()`` on failover."""
+
+        def pushed(reply: list[Any]) -> None:
+            if reply[0] == b"message" and reply[2].split(b" ", 1)[0] == self.master.encode():
+                log.info("sentinel: master {name} switched: reconnecting", name=self.master)
+                switched()
+
+        def build() -> RedisConnection:
+            return RedisConnection(
+                "sentinel", [("SUBSCRIBE", "+switch-master")], _no_check, _ignore, _ignore, pushed
+            )
+
+        endpoint = _AnyOf(self.reactor, self.sentinels)
+        return ClientService(endpoint, RedisConnectionFactory(build), retryPolicy=_retry)
+
     def _ask(self, host: str, port: int) -> defer.Deferred[Any]:
         answer: defer.Deferred[Any] = defer.Deferred()
         command = ("SENTINEL", "get-master-addr-by-name", self.master)
         factory = Factory.forProtocol(lambda: _Ask(command, answer))
+        factory.noisy = False  # asked before every connection: no line each time
         endpoint = HostnameEndpoint(self.reactor, host, port, timeout=ASK_TIMEOUT)
         endpoint.connect(factory).addErrback(lambda f: None if answer.called else answer.errback(f))
         return answer.addTimeout(ASK_TIMEOUT, self.reactor)
+
+
+def _no_check(answers: list[Any]) -> None:
+    return None
+
+
+def _ignore(conn: Any) -> None:
+    pass
+
+
+def _retry(attempt: int) -> float:
+    return min(0.5 * 2**attempt, 5.0)
+
+
+class _AnyOf:
+    """A client endpoint that connects to the first of several sentinels that accepts."""
+
+    def __init__(self, reactor: Any, addresses: list[tuple[str, int]]) -> None:
+        self.reactor = reactor
+        self.addresses = addresses
+
+    @defer.inlineCallbacks
+    def connect(self, factory: Any) -> Any:
+        error: Exception = ConnectError(string="no sentinel")
+        for host, port in self.addresses:
+            try:
+                endpoint = HostnameEndpoint(self.reactor, host, port, timeout=ASK_TIMEOUT)
+                return (yield endpoint.connect(factory))
+            except Exception as e:  # noqa: BLE001 - try the next sentinel
+                error = e
+        raise error

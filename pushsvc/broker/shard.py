@@ -120,6 +120,8 @@ class Shard:
         # UNSUBSCRIBEs sent but not yet confirmed: Redis may still count us.
         self._leaving: set[str] = set()
         self._waiters: dict[str, list[defer.Deferred[None]]] = {}
+        if isinstance(self.endpoint, SentinelEndpoint):
+            self._services.append(self.endpoint.watch(self.reconnect))
         self._watchdog = LoopingCall(self._watch)
         self._silent: set[RedisConnection] = set()
 
@@ -200,6 +202,13 @@ class Shard:
                 "Redis {name} unreachable: serving local users only until it is back",
                 name=self.name,
             )
+
+    def reconnect(self) -> None:
+        """Drop both connections (the master moved); they reconnect to where the sentinels say."""
+        for factory in self._factories:
+            proto = factory.current
+            if proto is not None and proto.transport is not None:
+                proto.transport.abortConnection()
 
     def _watch(self) -> None:
         """Drop a connection on which Redis said nothing for ``timeout`` while commands wait.
