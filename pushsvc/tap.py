@@ -199,7 +199,13 @@ class PushOptions(usage.Options):
         ["max-client-frame", None, 4096, "Largest frame a browser may send, in bytes.", int],
         ["ping-interval", None, 30.0, "Seconds between WebSocket pings (0: off).", float],
         ["ping-timeout", None, 10.0, "Seconds to wait for a pong before dropping.", float],
-        ["redis-timeout", None, 1.0, "Seconds to wait for Redis before answering fail.", float],
+        [
+            "redis-timeout",
+            None,
+            1.0,
+            "Seconds Redis may send nothing while requests wait before it counts as unreachable.",
+            float,
+        ],
         [
             "cluster-heartbeat",
             None,
@@ -249,7 +255,7 @@ class PushOptions(usage.Options):
         self["redis"] = []
 
     def opt_redis(self, url: str) -> None:
-        """Redis URL (redis://, rediss://, unix://) that makes this node a cluster member.
+        """Redis URL (redis://, rediss://, unix://, redis+sentinel://): this node joins a cluster.
 
         Repeat for several Redis servers: uids are spread over them by a consistent hash.
         """
