@@ -170,9 +170,11 @@ class Server:
         return "\n".join(lines[-15:])
 
 
-def start_server(template: str, log_dir: Path, name: str) -> Server:
-    """Start a server on fresh ports and wait until both ports accept."""
-    ws_port, text_port = free_port(), free_port()
+def start_server(
+    template: str, log_dir: Path, name: str, ports: tuple[int, int] | None = None
+) -> Server:
+    """Start a server on fresh ports (or ``ports``, shared) and wait until both ports accept."""
+    ws_port, text_port = ports or (free_port(), free_port())
     while text_port == ws_port:
         text_port = free_port()
     argv = shlex.split(template.format(ws_port=ws_port, text_port=text_port))
@@ -386,6 +388,8 @@ def run_cluster_setup(
     - ``one_process``: one pushsvc on core 0, generator free to use both cores.
     - ``node_per_core``: node 0 on core 0, node 1 on core 1, Redis and the
       generator free to use both; clients and backends spread over both nodes.
+    - ``reuse_port``: as ``node_per_core``, but both nodes on the same ports
+      with --reuse-port: the kernel spreads clients and backend connections.
     """
     servers: list[Server] = []
     redis: subprocess.Popen[bytes] | None = None
@@ -399,7 +403,11 @@ def run_cluster_setup(
             cpus = ("0", "0") if setup == "cluster" else ("0", "1")
             for k, cpu in enumerate(cpus):
                 node = NODE_CMD.replace("CPUS", cpu).replace("REDIS_PORT", str(redis_port))
-                servers.append(start_server(node, log_dir, f"{setup}-node{k}"))
+                shared = None
+                if setup == "reuse_port":
+                    node += " --reuse-port"
+                    shared = (servers[0].target.ws_port, servers[0].target.text_port) if k else None
+                servers.append(start_server(node, log_dir, f"{setup}-node{k}", shared))
         time.sleep(0.3)
         first, last = servers[0].target, servers[-1].target
         extra = tuple(s.proc.pid for s in servers[1:]) + ((redis.pid,) if redis else ())
@@ -409,13 +417,13 @@ def run_cluster_setup(
         if setup == "node_per_core":
             target.backend_ports = tuple(s.target.text_port for s in servers)
             connect_to = [s.target.ws_port for s in servers]
-        if setup in ("one_process", "node_per_core"):
+        if setup in ("one_process", "node_per_core", "reuse_port"):
             which = ("unicast_8",)
         spied = None
         if profile is not None and setup == "cluster":
             spied = (profile, [s.proc.pid for s in servers])
         session = unicast_session(target, cfg, connect_to, redis_port, which, spied)
-        with affinity(all_cores if setup in ("one_process", "node_per_core") else {1}):
+        with affinity(all_cores if setup in SPREAD_SETUPS else {1}):
             with asyncio.Runner(loop_factory=loop) as runner:
                 results = runner.run(session)
         for server in servers:
@@ -432,7 +440,9 @@ def run_cluster_setup(
             stop_proc(redis)
 
 
-CLUSTER_SETUPS = ("single", "cluster", "one_process", "node_per_core")
+CLUSTER_SETUPS = ("single", "cluster", "one_process", "node_per_core", "reuse_port")
+# Setups whose generator shares both cores with the servers.
+SPREAD_SETUPS = ("one_process", "node_per_core", "reuse_port")
 
 
 def cluster_rows(cfg: loadgen.Config) -> list[tuple[str, list[Row]]]:
@@ -530,6 +540,16 @@ def render_cluster(results: dict[str, list[dict[str, Any]]], cfg: loadgen.Config
             results["one_process"],
             results["node_per_core"],
             ("1 process", "1 node per core"),
+            rows,
+        ),
+        "",
+        "One process vs 2 processes with --reuse-port on 2 cores (one set of ports; the"
+        " kernel spreads clients and backend connections; otherwise as above):",
+        "",
+        render_pair(
+            results["one_process"],
+            results["reuse_port"],
+            ("1 process", "2 processes, --reuse-port"),
             rows,
         ),
         "",

@@ -35,6 +35,9 @@ BACKEND_SECRET_ENV = "PUSHSVC_BACKEND_SECRET"
 OK = b"ok\n"
 FAIL = b"fail\n"
 QUEUED = b"queued\n"  # a push with a ttl that nobody got now, stored for later
+# Replies one backend connection may have waiting for the cluster before it
+# stops reading requests (docs/cluster.md, "Backpressure").
+MAX_WAITING = 1000
 
 
 def error_line(reason: str, rid: Any = None) -> bytes:
@@ -141,6 +144,7 @@ class BackendProtocol(LineReceiver):
         self._partial = b""
         self._discarding = False  # inside an over-long line, until its newline
         self._waiting: deque[list[bytes | None]] | None = None
+        self._held = False  # reading stopped: too many replies waiting for the cluster
 
     def connectionMade(self) -> None:
         self.node.metrics.backend_connections += 1
@@ -304,11 +308,42 @@ class BackendProtocol(LineReceiver):
             else:
                 reply.addBoth(self._resolved, slot)  # type: ignore[union-attr]
         self._flush()
+        self._hold_if_behind()
 
     def _resolved(self, value: bytes, slot: list[bytes | None]) -> None:
         slot[0] = value
         if self._waiting is not None:
             self._flush()
+
+    # -- backpressure: the cluster behind this backend ---------------------------
+    # A pipelining backend can send requests faster than Redis and the other
+    # nodes answer them.  Past MAX_WAITING replies not yet sent, this
+    # connection stops reading: requests wait in the socket (the backend's
+    # writes block), not in timers, and no reply says "Redis is unreachable"
+    # merely because it queued behind others.
+
+    def _hold_if_behind(self) -> None:
+        waiting = self._waiting
+        if not self._held and waiting is not None and len(waiting) >= MAX_WAITING:
+            self._held = True
+            self.transport.pauseProducing()
+
+    def _release_if_caught_up(self) -> None:
+        waiting = self._waiting
+        if (
+            self._held
+            and self.transport is not None
+            and (waiting is None or len(waiting) <= MAX_WAITING // 2)
+        ):
+            self._held = False
+            if not self.paused:  # still paused while the backend does not read its replies
+                self.transport.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        """Our replies drained (Twisted's producer call): read again unless still behind."""
+        self.paused = False
+        if not self._held:
+            self.transport.resumeProducing()
 
     def _flush(self) -> None:
         waiting = self._waiting
@@ -319,6 +354,7 @@ class BackendProtocol(LineReceiver):
             self.transport.write(b"".join(ready))  # type: ignore[arg-type]
         if not waiting:
             self._waiting = None
+        self._release_if_caught_up()
 
     def connectionLost(self, reason: object = None) -> None:
         self.node.metrics.backend_connections -= 1

@@ -6,18 +6,15 @@ every internal is still there; tests/test_compat.py runs it, so an upgrade
 that breaks one fails with a message naming it instead of a strange error in
 production.  The version pins in pyproject.toml follow from this module.
 
-Tested with Twisted 23.10 - 26.10, Autobahn 23.1 - 26.11, txredisapi 1.6.
+Tested with Twisted 23.10 - 26.10, Autobahn 23.1 - 26.11.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import tcp
-
-T = TypeVar("T")
-
 
 # -- Twisted: write a frame at once (tcp.Server._tempDataLen, dataBuffer, _writeDisconnected)
 
@@ -225,29 +222,6 @@ class HandshakeReader:
         return head
 
 
-# -- txredisapi: the consistent hash keys its nodes by ``node._factory.uuid`` ------------
-
-
-class _RingNode:
-    __slots__ = ("_factory", "value")
-
-    def __init__(self, name: str, value: Any) -> None:
-        self._factory = type("Named", (), {"uuid": name})()
-        self.value = value
-
-
-def hash_ring(named: Sequence[tuple[str, T]]) -> Callable[[bytes], T]:
-    """Consistent hashing over named values with txredisapi's ``HashRing``.
-
-    The same ring as txredisapi's own sharded connections, so keys stay on the
-    Redis server they were on before.
-    """
-    import txredisapi
-
-    ring = txredisapi.HashRing([_RingNode(name, value) for name, value in named])
-    return lambda key: ring.get_node(key).value
-
-
 # -- the check ---------------------------------------------------------------------------
 
 
@@ -281,10 +255,6 @@ def problems() -> list[str]:
     ):
         if not hasattr(WebSocketServerProtocol, name) and name not in _instance_attrs():
             found.append(f"WebSocketServerProtocol.{name} (compat)")
-    try:
-        hash_ring([("a", 1)])(b"x")
-    except Exception as e:  # noqa: BLE001 - any failure means the internal changed
-        found.append(f"txredisapi.HashRing keyed by _factory.uuid (compat.hash_ring): {e!r}")
     return found + _failure_problems()
 
 

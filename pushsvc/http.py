@@ -307,3 +307,16 @@ def make_site(
     root.putChild(b"metrics", MetricsResource(node))
     browser.add_resources(root, ws_factory)
     return PushSite(root, max_body, ws_factory)
+
+
+def make_metrics_site(node: Node) -> PushSite:
+    """``--metrics-port``: this process's /metrics and /healthz alone, on a port it does not share.
+
+    With --reuse-port the HTTP port is shared by every process and a scrape
+    reaches one at random; each process's own port gives every scrape a
+    known target.
+    """
+    root = resource.Resource()
+    root.putChild(b"healthz", HealthResource(node))
+    root.putChild(b"metrics", MetricsResource(node))
+    return PushSite(root, 0)

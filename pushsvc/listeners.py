@@ -8,6 +8,7 @@ start-up mistake; each gets one line that names the option, the value and
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
 from twisted.application.service import Service
@@ -46,21 +47,32 @@ class _Recorder:
 
     def __init__(self) -> None:
         self.port: int | None = None
+        self.kind = ""
+        self.backlog = LISTEN_BACKLOG
+        self.interface = ""
 
-    def listenTCP(self, port: int, *args: Any, **kw: Any) -> None:
-        self.port = port
+    def listenTCP(
+        self, port: int, factory: Any = None, backlog: int = 50, interface: str = ""
+    ) -> None:
+        self.port, self.kind, self.backlog, self.interface = port, "tcp", backlog, interface
 
-    listenSSL = listenTCP
+    def listenSSL(self, port: int, *args: Any, **kw: Any) -> None:
+        self.port, self.kind = port, "ssl"
 
     def listenUNIX(self, *args: Any, **kw: Any) -> None:
-        pass
+        self.kind = "unix"
 
     def __getattr__(self, name: str) -> Any:
         return getattr(reactor, name)
 
 
-def check_endpoint(option: str, value: str, interface: str | None = None) -> None:
-    """Raise a UsageError naming ``--option`` and ``value`` unless it describes a listener."""
+def check_endpoint(
+    option: str, value: str, interface: str | None = None, reuse_port: bool = False
+) -> None:
+    """Raise a UsageError naming ``--option`` and ``value`` unless it describes a listener.
+
+    With ``reuse_port`` it must be a TCP listener (a port number or ``tcp:``).
+    """
     recorder = _Recorder()
     failure: list[BaseException] = []
     try:
@@ -70,9 +82,37 @@ def check_endpoint(option: str, value: str, interface: str | None = None) -> Non
         failure.append(e)
     if not failure and recorder.port is not None and not 0 <= recorder.port <= 65535:
         failure.append(ValueError(f"port {recorder.port} is not from 0 to 65535"))
+    if not failure and reuse_port and recorder.kind != "tcp":
+        failure.append(ValueError("--reuse-port takes port numbers and tcp: endpoints only"))
+    if not failure and reuse_port and not hasattr(socket, "SO_REUSEPORT"):
+        failure.append(ValueError("--reuse-port needs SO_REUSEPORT (Linux 3.9 or later)"))
     if failure:
         reason = str(failure[0]) or type(failure[0]).__name__
         raise usage.UsageError(f"--{option} {value!r}: {reason}")
+
+
+def reuse_port_socket(value: str, interface: str | None) -> socket.socket:
+    """A listening TCP socket with SO_REUSEPORT for endpoint ``value``.
+
+    Several processes that open the same port this way share it: the kernel
+    spreads new connections over them (Linux hashes each connection's
+    addresses to one of the sockets).  Raises OSError like bind() does.
+    """
+    recorder = _Recorder()
+    endpoints.serverFromString(recorder, endpoint(value, interface)).listen(Factory())
+    host = recorder.interface or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, recorder.port or 0))
+        sock.listen(recorder.backlog)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class Listener(Service):
@@ -83,27 +123,52 @@ class Listener(Service):
     """
 
     def __init__(
-        self, role: str, option: str, value: str, interface: str | None, factory: Any
+        self,
+        role: str,
+        option: str,
+        value: str,
+        interface: str | None,
+        factory: Any,
+        reuse_port: bool = False,
     ) -> None:
         self.endpoint = endpoints.serverFromString(reactor, endpoint(value, interface))
         self.factory = factory
         self.role = role
         self.option = option
         self.value = value
+        self.interface = interface
+        self.reuse_port = reuse_port
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
+        self.port = self._shared_port() if self.reuse_port else self._own_port()
+        host = self.port.getHost()
+        where = f"{host.host}:{host.port}" if hasattr(host, "port") else str(host.name)
+        log.info("{role} on {where}", role=self.role, where=where)
+
+    def _own_port(self) -> Any:
         outcome: list[Any] = []
         self.endpoint.listen(self.factory).addBoth(outcome.append)
         if not outcome:  # no endpoint pushsvc takes listens later; refuse to guess
             raise RuntimeError(f"--{self.option} {self.value!r} did not listen at once")
         if isinstance(outcome[0], Failure):
             self._failed(outcome[0])
-        self.port = outcome[0]
-        host = self.port.getHost()
-        where = f"{host.host}:{host.port}" if hasattr(host, "port") else str(host.name)
-        log.info("{role} on {where}", role=self.role, where=where)
+        return outcome[0]
+
+    def _shared_port(self) -> Any:
+        """Listen on a socket opened with SO_REUSEPORT, adopted by the reactor (public API)."""
+        try:
+            sock = reuse_port_socket(self.value, self.interface)
+        except OSError as e:
+            raise SystemExit(
+                f"twistd push: --{self.option} {self.value!r}: cannot listen with "
+                f"--reuse-port: {e} (every process sharing a port needs --reuse-port)"
+            ) from None
+        try:
+            return reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)
+        finally:
+            sock.close()  # the reactor holds its own duplicate of the descriptor
 
     def _failed(self, failure: Failure) -> None:
         error = failure.value

@@ -31,7 +31,7 @@ from pushsvc.compat import quiet_autobahn_debug
 from pushsvc.drain import Drain
 from pushsvc.heaptrim import trimmer
 from pushsvc.history.store import DEFAULT_SIZE, MAX_TTL, MemoryStore
-from pushsvc.http import make_site
+from pushsvc.http import make_metrics_site, make_site
 from pushsvc.listeners import Listener, check_endpoint
 from pushsvc.node import Node
 from pushsvc.policy import (
@@ -274,13 +274,27 @@ class PushOptions(usage.Options):
             None,
             f"File holding the key the HTTP API requires (or set ${API_KEY_ENV}).",
         ],
+        [
+            "metrics-port",
+            None,
+            "off",
+            "Port or endpoint of this process's own /metrics and /healthz, never shared "
+            "(127.0.0.1 only by default; with --reuse-port a scrape of the shared "
+            "--http-port reaches a random process).",
+        ],
         ["auth-timeout", None, 10.0, "Seconds a connection may take to authenticate.", float],
         ["max-line", None, 1 << 20, "Longest backend request line, in bytes.", int],
         ["max-body", None, 1 << 20, "Largest HTTP API request body, in bytes.", int],
         ["max-client-frame", None, 4096, "Largest frame a browser may send, in bytes.", int],
         ["ping-interval", None, 30.0, "Seconds between WebSocket pings (0: off).", float],
         ["ping-timeout", None, 10.0, "Seconds to wait for a pong before dropping.", float],
-        ["redis-timeout", None, 1.0, "Seconds to wait for Redis before answering fail.", float],
+        [
+            "redis-timeout",
+            None,
+            1.0,
+            "Seconds Redis may send nothing while requests wait before it counts as unreachable.",
+            float,
+        ],
         [
             "cluster-heartbeat",
             None,
@@ -317,6 +331,12 @@ class PushOptions(usage.Options):
     optParameters = _with_named_coerce(optParameters)
     optFlags = [
         ["compression", None, "Accept permessage-deflate (off by default: it costs CPU and RAM)."],
+        [
+            "reuse-port",
+            None,
+            "Open the WebSocket, backend and HTTP ports with SO_REUSEPORT (Linux): several "
+            "processes share them and the kernel spreads connections (give them one --redis).",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -324,17 +344,20 @@ class PushOptions(usage.Options):
         self["redis"] = []
 
     def opt_redis(self, url: str) -> None:
-        """Redis URL (redis://, rediss://, unix://) that makes this node a cluster member.
+        """Redis URL (redis://, rediss://, unix://, redis+sentinel://): this node joins a cluster.
 
         Repeat for several Redis servers: uids are spread over them by a consistent hash.
         """
         self["redis"].append(url)
 
     def postOptions(self) -> None:
-        check_endpoint("ws-port", self["ws-port"])
-        check_endpoint("text-port", self["text-port"], LOCAL)
+        shared = self["reuse-port"]
+        check_endpoint("ws-port", self["ws-port"], reuse_port=shared)
+        check_endpoint("text-port", self["text-port"], LOCAL, reuse_port=shared)
         if self["http-port"] != "off":
-            check_endpoint("http-port", self["http-port"], LOCAL)
+            check_endpoint("http-port", self["http-port"], LOCAL, reuse_port=shared)
+        if self["metrics-port"] != "off":
+            check_endpoint("metrics-port", self["metrics-port"], LOCAL)
         for url in self["redis"]:
             try:
                 parse_redis_url(url)
@@ -411,7 +434,10 @@ def makeService(config: PushOptions) -> service.MultiService:
     if config["trim-interval"] > 0:
         trimmer(config["trim-interval"]).setServiceParent(top)
     ws_factory = make_ws_factory(config, node, settings)
-    Listener("WebSocket", "ws-port", config["ws-port"], None, ws_factory).setServiceParent(top)
+    shared = config["reuse-port"]
+    Listener("WebSocket", "ws-port", config["ws-port"], None, ws_factory, shared).setServiceParent(
+        top
+    )
     throttle = FailureThrottle(limit=config["auth-fail-limit"])
     backend = BackendFactory(
         node,
@@ -421,13 +447,22 @@ def makeService(config: PushOptions) -> service.MultiService:
         max_backends=config["max-backends"] or default_max_backends(),
         max_pending=config["max-backend-pending"],
     )
-    Listener("backend", "text-port", config["text-port"], LOCAL, backend).setServiceParent(top)
+    Listener("backend", "text-port", config["text-port"], LOCAL, backend, shared).setServiceParent(
+        top
+    )
     if config["http-port"] != "off":
         # /ws on the HTTP port shares the --ws-port factory; no port starts it
         # for the resource, so a service does.
         FactoryService(ws_factory).setServiceParent(top)
         site = make_site(node, settings.api_key, config["max-body"], ws_factory, throttle)
-        Listener("HTTP", "http-port", config["http-port"], LOCAL, site).setServiceParent(top)
+        Listener("HTTP", "http-port", config["http-port"], LOCAL, site, shared).setServiceParent(
+            top
+        )
+    if config["metrics-port"] != "off":
+        own = make_metrics_site(node)
+        Listener("metrics", "metrics-port", config["metrics-port"], LOCAL, own).setServiceParent(
+            top
+        )
     log_policy(config)
     return top
 

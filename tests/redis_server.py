@@ -24,9 +24,10 @@ def require_redis() -> None:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *extra: str) -> None:
         self.workdir = workdir
         self.port = free_port()
+        self.extra = extra  # more redis-server arguments (--replicaof ...)
         self.proc: subprocess.Popen | None = None
         self.start()
 
@@ -48,6 +49,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.workdir),
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -78,3 +80,34 @@ class RedisServer:
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
             s.sendall(b"".join(parts))
             return s.recv(65536)
+
+
+class SentinelServer(RedisServer):
+    """A Redis Sentinel (``redis-server CONFIG --sentinel``) watching ``master`` as ``name``."""
+
+    def __init__(self, workdir: Path, master: RedisServer, name: str) -> None:
+        self.master = master
+        self.name = name
+        super().__init__(workdir)
+
+    def start(self) -> None:
+        config = self.workdir / f"sentinel-{self.port}.conf"  # sentinel rewrites its config
+        config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.workdir}\n"
+            f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 1\n"
+            f"sentinel down-after-milliseconds {self.name} 1000\n"
+            f"sentinel failover-timeout {self.name} 5000\n"
+        )
+        self.extra = ()
+        self.proc = subprocess.Popen([REDIS, str(config), "--sentinel"], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while not self._pong():
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis sentinel did not start")
+            time.sleep(0.05)
+
+    def _pong(self) -> bool:
+        try:
+            return self.command("PING").startswith(b"+PONG")
+        except OSError:
+            return False

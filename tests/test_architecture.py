@@ -277,8 +277,6 @@ COMPAT_INTERNALS = (
     "send_queue",
     "sendCloseFrame",
     "wasClean",
-    "HashRing",
-    "_factory",
 )
 
 

@@ -1,6 +1,6 @@
 """Every library internal pushsvc relies on is still there (pushsvc/compat.py).
 
-An upgrade of Twisted, Autobahn or txredisapi that removes one fails here,
+An upgrade of Twisted or Autobahn that removes one fails here,
 naming it, instead of as a strange error in production.  The other tests
 prove the check can fail: with an internal taken away, problems() names it.
 """
@@ -10,10 +10,8 @@ from __future__ import annotations
 import gc
 import warnings
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-import txredisapi
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from reactor_helper import LeftInReactor, clear_leftovers
 from twisted.internet import abstract, reactor
@@ -74,18 +72,6 @@ def test_protocol_options_of_another_shape_are_named(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(WebSocketServerProtocol, "CONFIG_ATTRS", options)
     found = compat.problems()
     assert [line for line in found if "CONFIG_ATTRS" in line], found
-
-
-def test_a_hash_ring_keyed_differently_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Ring:
-        """A HashRing that reads its nodes' names from somewhere else."""
-
-        def __init__(self, nodes: list[Any]) -> None:
-            self.names = [node.factory.name for node in nodes]
-
-    monkeypatch.setattr(txredisapi, "HashRing", Ring)
-    found = compat.problems()
-    assert [line for line in found if "txredisapi.HashRing" in line], found
 
 
 def test_the_check_closes_the_sockets_it_opens() -> None:

@@ -22,6 +22,7 @@ import socket
 import time
 import uuid
 from collections.abc import Collection, Iterable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -30,8 +31,9 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 
 from pushsvc.broker.base import BrokerHandler
+from pushsvc.broker.connection import ignore_reply
+from pushsvc.broker.ring import hash_ring
 from pushsvc.broker.shard import Shard
-from pushsvc.compat import hash_ring
 from pushsvc.errors import Unavailable
 from pushsvc.ratelog import RateLimitedLog
 from pushsvc.results import first_failure
@@ -81,6 +83,41 @@ class _Gathering:
         return self.expected is not None and self.acks >= self.expected
 
 
+class _Sum:
+    """The summed receiver counts of one push's PUBLISHes: one Deferred, not one per uid."""
+
+    __slots__ = ("answer", "left", "total", "error", "closed")
+
+    def __init__(self) -> None:
+        self.answer: defer.Deferred[int] = defer.Deferred()
+        self.left = 0
+        self.total = 0
+        self.error: Exception | None = None
+        self.closed = False
+
+    def reply(self, mine: int, count: Any) -> None:
+        """One PUBLISH's reply; ``mine`` is 1 if this node's own subscription is counted in it."""
+        self.left -= 1
+        if isinstance(count, Exception):
+            self.error = self.error or count
+        else:
+            self.total += max(0, count - mine)
+        self._done()
+
+    def close(self) -> defer.Deferred[int]:
+        self.closed = True
+        self._done()
+        return self.answer
+
+    def _done(self) -> None:
+        if self.left or not self.closed or self.answer.called:
+            return
+        if self.error is None:
+            self.answer.callback(self.total)
+        else:
+            self.answer.errback(Unavailable("Redis is unreachable"))
+
+
 class RedisBroker:
     """A node's link to the other nodes through one or more Redis servers (``--redis``)."""
 
@@ -93,6 +130,7 @@ class RedisBroker:
         heartbeat: float = 2.0,
     ) -> None:
         self.node = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._node_bytes = self.node.encode()
         self.timeout = timeout
         self.heartbeat = heartbeat
         self.shards = [
@@ -163,18 +201,17 @@ class RedisBroker:
     ) -> defer.Deferred[int]:
         """PUBLISH to each uid's channel; the receiver counts (other nodes) summed."""
         offset, epoch = (b"%d" % position[1], position[2].encode()) if position else (b"", b"")
-        head = b"\x00".join([self.node.encode(), b"%d" % _now_ms(), offset, epoch, b""])
+        head = b"\x00".join([self._node_bytes, b"%d" % _now_ms(), offset, epoch, b""])
         message = head + payload
-        calls = []
+        answer = _Sum()
         for uid in uids:
+            channel = UID + uid
             shard = self.shard_of(uid)
-            d = shard.call("PUBLISH", UID + uid, message)
             # Our own subscription (if we hold the uid) counts as a receiver.
-            mine = 1 if shard.may_count_me(UID + uid) else 0
-            d.addCallback(lambda n, mine=mine: max(0, n - mine))
-            calls.append(d)
-        d = defer.gatherResults(calls, consumeErrors=True)
-        return d.addCallbacks(sum, unreachable)
+            mine = 1 if shard.may_count_me(channel) else 0
+            answer.left += 1
+            shard.send(("PUBLISH", channel, message), partial(answer.reply, mine))
+        return answer.close()
 
     def fan_out(self, kind: str, fields: dict[str, Any]) -> defer.Deferred[int]:
         """Ask every other node to act on its connections; sum what they report."""
@@ -219,15 +256,15 @@ class RedisBroker:
 
     # -- messages from other nodes ----------------------------------------------
 
-    def _received(self, channel: str, message: str) -> None:
+    def _received(self, channel: str, message: bytes) -> None:
         handler = self.handler
         assert handler is not None
         if channel.startswith(UID):
-            origin, sent, offset, epoch, payload = message.split("\x00", 4)
-            if origin != self.node and not self._stale(int(sent)):
+            origin, sent, offset, epoch, payload = message.split(b"\x00", 4)
+            if origin != self._node_bytes and not self._stale(int(sent)):
                 uid = channel[len(UID) :]
-                position = ("u:" + uid, int(offset), epoch) if offset else None
-                handler.deliver_uid(uid, payload.encode("utf-8"), position)
+                position = ("u:" + uid, int(offset), epoch.decode()) if offset else None
+                handler.deliver_uid(uid, payload, position)
             return
         data = orjson.loads(message)
         if channel == self.reply_channel:
@@ -242,7 +279,7 @@ class RedisBroker:
         else:
             count = 0 if self._stale(data["t"]) else handler.act(kind, data)
         reply = orjson.dumps({"i": data["i"], "n": count})
-        self.home.call("PUBLISH", REPLY + data["o"], reply).addErrback(lambda _: None)
+        self.home.send(("PUBLISH", REPLY + data["o"], reply), ignore_reply)
 
     def _stale(self, sent_ms: int) -> bool:
         """Too old to deliver: counted, and logged at most once a minute."""
