@@ -386,11 +386,7 @@ class PushServerFactory(WebSocketServerFactory):
         self.max_per_uid = max_per_uid
         self.max_handshake = max_handshake
         self.handshakes = Deadlines(handshake_timeout)
-        # Counted from accept; per IP there only when the TCP peer is the client.
-        self.caps = ConnectionCaps(max_connections, 0 if trust_x_forwarded_for else max_per_ip)
-        # Counted at the handshake by the X-Forwarded-For address otherwise.
-        self.per_ip = PerKeyCounter(max_per_ip if trust_x_forwarded_for else 0)
-        self._xff = bool(trust_x_forwarded_for)
+        self._set_caps(max_connections, max_per_ip, trust_x_forwarded_for)
         self._pending: tuple[str | None, int] = (None, 0)
         self._handover: tuple[str | None, int] | None = None
         self.lingering: set[RefusedSocket] = set()  # refused at accept, reading to the end
@@ -407,6 +403,13 @@ class PushServerFactory(WebSocketServerFactory):
         )
         self.protocol = compat.protocol_with_options(self)
         self._sweeper = LoopingCall(self._sweep)
+
+    def _set_caps(self, max_connections: int, max_per_ip: int, trust_x_forwarded_for: int) -> None:
+        # Counted from accept; per IP there only when the TCP peer is the client.
+        self.caps = ConnectionCaps(max_connections, 0 if trust_x_forwarded_for else max_per_ip)
+        # Counted at the handshake by the X-Forwarded-For address otherwise.
+        self.per_ip = PerKeyCounter(max_per_ip if trust_x_forwarded_for else 0)
+        self._xff = bool(trust_x_forwarded_for)
 
     def _set_options(
         self,

@@ -25,9 +25,10 @@ from __future__ import annotations
 import signal
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
 from redis_server import RedisServer, require_redis
 from twisted.internet import defer, reactor, task
 from twisted.internet.base import DelayedCall
@@ -126,3 +127,25 @@ def start_redis(workdir: Path) -> RedisServer:
     """A real redis-server on a free port (skipped outside CI when none is installed)."""
     require_redis()
     return RedisServer(workdir)
+
+
+@pytest.fixture(scope="module")
+def module_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for a module's reactor tests (each test flushes it: FlushedRedis)."""
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.kill()
+
+
+class FlushedRedis:
+    """Mixin for a ReactorTestCase: ``self.redis``, the module's server, emptied before each test.
+
+    A module that uses it imports ``module_redis`` too, so pytest finds the fixture.
+    """
+
+    redis: RedisServer
+
+    @pytest.fixture(autouse=True)
+    def _redis(self, module_redis: RedisServer) -> None:
+        self.redis = module_redis
+        assert module_redis.command("FLUSHALL").startswith(b"+OK")

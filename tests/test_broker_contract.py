@@ -17,7 +17,14 @@ from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import pytest
-from reactor_helper import ReactorTestCase, quiet, start_redis, until
+from reactor_helper import (
+    FlushedRedis,
+    ReactorTestCase,
+    module_redis,  # noqa: F401 (the fixture FlushedRedis uses)
+    quiet,
+    start_redis,
+    until,
+)
 from redis_server import RedisServer
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -232,22 +239,10 @@ class TestMemoryBroker(BrokerContract, ReactorTestCase):
         return defer.succeed(value)
 
 
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.kill()
-
-
-class RedisCase(ReactorTestCase):
+class RedisCase(FlushedRedis, ReactorTestCase):
     """Nodes with Redis brokers on this module's redis-server, emptied before each test."""
 
     redis: RedisServer
-
-    @pytest.fixture(autouse=True)
-    def _redis(self, redis: RedisServer) -> None:
-        self.redis = redis
-        assert redis.command("FLUSHALL").startswith(b"+OK")
 
     def setUp(self) -> None:
         # Registered first, run last: nothing a broker scheduled outlives the test.

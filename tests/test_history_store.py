@@ -11,13 +11,17 @@ waiting for it.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
-from reactor_helper import ReactorTestCase, quiet, start_redis, until
-from redis_server import RedisServer
+from reactor_helper import (
+    FlushedRedis,
+    ReactorTestCase,
+    module_redis,  # noqa: F401 (the fixture FlushedRedis uses)
+    quiet,
+    until,
+)
 from twisted.internet import defer
 
 import pushsvc.history.store as store_module
@@ -142,23 +146,11 @@ class TestMemoryStore(StoreContract, ReactorTestCase):
         return defer.succeed(value)
 
 
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.kill()
-
-
 def _nothing(*args: object) -> None:
     """A shard owner that wants no channel and ignores messages: only commands here."""
 
 
-class TestRedisStore(StoreContract, ReactorTestCase):
-    @pytest.fixture(autouse=True)
-    def _redis(self, redis: RedisServer) -> None:
-        self.redis = redis
-        assert redis.command("FLUSHALL").startswith(b"+OK")
-
+class TestRedisStore(StoreContract, FlushedRedis, ReactorTestCase):
     @defer.inlineCallbacks
     def setUp(self) -> Any:
         self.addCleanup(quiet)

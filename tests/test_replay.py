@@ -8,13 +8,17 @@ store, and (in cluster mode) with two Redis brokers on a real redis-server.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import orjson
 import pytest
-from reactor_helper import ReactorTestCase, quiet, start_redis, until
-from redis_server import RedisServer
+from reactor_helper import (
+    FlushedRedis,
+    ReactorTestCase,
+    module_redis,  # noqa: F401 (the fixture FlushedRedis uses)
+    quiet,
+    until,
+)
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
@@ -235,20 +239,8 @@ def test_a_group_push_that_excluded_the_uid_is_not_replayed_to_it(node: Node) ->
 # -- in cluster mode: two nodes on Redis ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = start_redis(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.kill()
-
-
-class TestClusterRecovery(ReactorTestCase):
+class TestClusterRecovery(FlushedRedis, ReactorTestCase):
     """Recovery on one node while another pushes: Redis broker and store, a real redis-server."""
-
-    @pytest.fixture(autouse=True)
-    def _redis(self, redis: RedisServer) -> None:
-        self.redis = redis
-        assert redis.command("FLUSHALL").startswith(b"+OK")
 
     def setUp(self) -> None:
         self.addCleanup(quiet)
