@@ -370,6 +370,13 @@ async def unicast_session(
             results["unicast_8"] = await loadgen.scenario_unicast(
                 target, hub, clients, 8, few, loss_wait=LOSS_WAIT
             )
+        if "pipelined" in which:
+            # The seed's PHP loop in a bulk job: every line written at once, no
+            # cap on requests in flight; every reply must still be true.
+            uncapped = replace(cfg, pipeline_window=cfg.unicast_pushes)
+            results["pipelined"] = await loadgen.scenario_unicast(
+                target, hub, clients, 1, uncapped, loss_wait=LOSS_WAIT
+            )
         if "latency" in which:
             results["latency"] = await loadgen.scenario_latency(target, hub, clients, cfg)
     finally:
@@ -413,7 +420,7 @@ def run_cluster_setup(
         extra = tuple(s.proc.pid for s in servers[1:]) + ((redis.pid,) if redis else ())
         target = loadgen.Target(HOST, first.ws_port, last.text_port, first.pid, extra)
         connect_to = [first.ws_port]
-        which: tuple[str, ...] = ("unicast_1", "unicast_8", "latency")
+        which: tuple[str, ...] = ("unicast_1", "unicast_8", "pipelined", "latency")
         if setup == "node_per_core":
             target.backend_ports = tuple(s.target.text_port for s in servers)
             connect_to = [s.target.ws_port for s in servers]
@@ -464,6 +471,11 @@ def cluster_rows(cfg: loadgen.Config) -> list[tuple[str, list[Row]]]:
         (
             f"unicast, 8 backend conns × {CLUSTER_WINDOW // 8} in flight → {cfg.clients:,} clients",
             [("unicast_8", f, label, fmt, hi) for label, f, fmt, hi in pushes],
+        ),
+        (
+            f"unicast, 1 backend conn, all {cfg.unicast_pushes:,} lines at once → "
+            f"{cfg.clients:,} clients",
+            [("pipelined", f, label, fmt, hi) for label, f, fmt, hi in pushes],
         ),
         (
             f"latency at {cfg.latency_rate:,} pushes/s",
