@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from conftest import PushServer, new_uid, until
 from test_slow_consumer import metric
-from websockets.exceptions import InvalidMessage, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 ATTACKER, OTHER = "127.0.0.2", "127.0.0.3"
@@ -125,7 +125,9 @@ def test_one_address_at_its_cap_does_not_affect_others(start_server) -> None:
         what="half-open sockets over the per-IP cap refused",
     )
     # Refused: 429, or closed unanswered while RefusedSocket.LINGER_MAX refused sockets wait.
-    with pytest.raises((InvalidStatus, InvalidMessage)) as refused:
+    # Closed unanswered shows as InvalidMessage, or as a closed connection when the
+    # close beats the client's read (seen on a loaded machine).
+    with pytest.raises((InvalidStatus, InvalidMessage, ConnectionClosed, OSError)) as refused:
         client_from(server.ws_url, ATTACKER, "attacker")
     if isinstance(refused.value, InvalidStatus):
         assert refused.value.response.status_code == 429

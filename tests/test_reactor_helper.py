@@ -82,6 +82,16 @@ class _PlainTrial(unittest.TestCase):
 
 def test_signal_handlers_are_as_they_were_after_a_reactor_test() -> None:
     """Trial's reactor.run() takes SIGINT and SIGTERM; Ctrl-C must still stop pytest after it."""
+    # Twisted takes SIGINT only from Python's default handler; a run started in
+    # the background (SIGINT ignored) must not change what this test shows.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        check_signal_handlers()
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
+def check_signal_handlers() -> None:
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     try:
         clear_leftovers()
