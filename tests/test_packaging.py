@@ -21,6 +21,8 @@ def test_wheel_ships_the_plugin_and_twistd_finds_it(tmp_path: Path) -> None:
     )
     (wheel,) = dist.glob("pushsvc-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "pushsvc").rglob("*.py")}
+    assert modules - set(names) == set(), "modules missing from the wheel"
     assert "twisted/plugins/pushsvc_plugin.py" in names
     assert "twisted/plugins/__init__.py" not in names
     assert "twisted/__init__.py" not in names
@@ -42,3 +44,8 @@ def test_wheel_ships_the_plugin_and_twistd_finds_it(tmp_path: Path) -> None:
     )
     out = subprocess.run([python, "-c", probe], check=True, capture_output=True, cwd=tmp_path)
     assert out.stdout.strip() == b"ok"
+    # Running push imports the whole service from the installed wheel.
+    usage = subprocess.run(
+        [env_dir / "bin" / "twistd", "push", "--help"], capture_output=True, cwd=tmp_path
+    )
+    assert usage.returncode == 0 and b"--ws-port" in usage.stdout, usage.stderr[-2000:]
