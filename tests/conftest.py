@@ -141,6 +141,13 @@ class PushServer:
             conn.send(uid)
         return conn
 
+    def online(self, uid: str, clients: list) -> ClientConnection:
+        """A WebSocket that said ``uid``, in ``clients`` (closed at teardown), once identified."""
+        ws = self.ws(uid)
+        clients.append(ws)
+        self.wait_for(lambda s: s["pending"] == 0)
+        return ws
+
     def backend(self) -> Backend:
         return Backend(self.text_port)
 

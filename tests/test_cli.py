@@ -30,16 +30,9 @@ def port(server: PushServer) -> str:
     return f"--port={server.text_port}"
 
 
-def online_ws(server: PushServer, ws_clients: list, user: str):
-    ws = server.ws(user)
-    ws_clients.append(ws)
-    server.wait_for(lambda s: s["pending"] == 0)
-    return ws
-
-
 def test_push_delivered(server: PushServer, port: str, ws_clients) -> None:
     user = new_uid("cli")
-    ws = online_ws(server, ws_clients, user)
+    ws = server.online(user, ws_clients)
     proc = pushsvc(port, "push", user, "hello there")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "ok\n", "")
     assert ws.recv(timeout=5) == "hello there"
@@ -52,7 +45,7 @@ def test_push_not_delivered(port: str) -> None:
 
 def test_push_data_as_text_or_json(server: PushServer, port: str, ws_clients) -> None:
     user = new_uid("cli")
-    ws = online_ws(server, ws_clients, user)
+    ws = server.online(user, ws_clients)
     assert pushsvc(port, "push", user, '{"a": 1}').returncode == 0
     assert pushsvc(port, "push", user, '{"a": 1}', "--json").returncode == 0
     assert pushsvc(port, "push", "--json", user, "-", stdin='{"b": [1, 2]}\n').returncode == 0
@@ -88,7 +81,7 @@ def test_broadcast(start_server) -> None:
 
 def test_online(server: PushServer, port: str, ws_clients) -> None:
     user, nobody = new_uid("cli"), new_uid("cli")
-    online_ws(server, ws_clients, user)
+    server.online(user, ws_clients)
     proc = pushsvc(port, "online", user)
     assert proc.returncode == 0 and json.loads(proc.stdout) == {user: True}
     proc = pushsvc(port, "online", user, nobody)
@@ -153,7 +146,7 @@ def test_help_lists_the_subcommands() -> None:
 
 def test_push_to_a_group(server: PushServer, port: str, ws_clients) -> None:
     user, group = new_uid("cli"), "grp-" + new_uid("cli")
-    ws = online_ws(server, ws_clients, user)
+    ws = server.online(user, ws_clients)
     from pushsvc.client import Client
 
     with Client(port=server.text_port) as c:

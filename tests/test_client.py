@@ -30,19 +30,12 @@ def client(server: PushServer) -> Iterator[Client]:
         yield c
 
 
-def connect_ws(server: PushServer, ws_clients: list, user: str):
-    ws = server.ws(user)
-    ws_clients.append(ws)
-    server.wait_for(lambda s: s["pending"] == 0)
-    return ws
-
-
 # -- pushes -----------------------------------------------------------------------
 
 
 def test_push_to_an_online_uid(server: PushServer, client: Client, ws_clients) -> None:
     user = new_uid("c")
-    ws = connect_ws(server, ws_clients, user)
+    ws = server.online(user, ws_clients)
     assert client.push(user, "hello") == 1
     assert client.push(user, {"task": 7, "percent": 88}) == 1
     assert client.push([user, user + "-offline"], [1, 2]) == 1
@@ -56,7 +49,7 @@ def test_push_to_an_offline_uid_is_not_an_error(client: Client) -> None:
 
 def test_pipelined_batch_of_500(server: PushServer, client: Client, ws_clients) -> None:
     user = new_uid("c")
-    ws = connect_ws(server, ws_clients, user)
+    ws = server.online(user, ws_clients)
     pushes = [(user if i % 3 else "offline-" + user, str(i)) for i in range(500)]
     assert client.push_many(pushes) == [1 if i % 3 else 0 for i in range(500)]
     assert [ws.recv(timeout=5) for i in range(500) if i % 3] == [
@@ -94,7 +87,7 @@ def test_one_write_per_batch(server: PushServer) -> None:
 def test_online_and_stats(start_server, ws_clients) -> None:
     server = start_server()  # its own server: the counts are exact
     user, nobody = new_uid("c"), new_uid("c")
-    connect_ws(server, ws_clients, user)
+    server.online(user, ws_clients)
     ws_clients.append(server.ws())  # connected, not identified yet
     server.wait_for(lambda s: s["pending"] == 1)
     with Client(port=server.text_port) as client:
@@ -142,7 +135,7 @@ def test_rejected_request_raises_and_keeps_the_connection(client: Client) -> Non
 
 def test_rejected_request_in_a_batch(server: PushServer, client: Client, ws_clients) -> None:
     user = new_uid("c")
-    ws = connect_ws(server, ws_clients, user)
+    ws = server.online(user, ws_clients)
     batch = [{"uid": user, "data": "a"}, {"uid": 5, "data": "b"}, {"uid": user, "data": "c"}]
     with pytest.raises(RequestRejected) as info:
         client.pipeline(batch)
@@ -455,7 +448,7 @@ def test_context_manager_and_close(server: PushServer) -> None:
 
 def test_threads_may_share_a_client(server: PushServer, client: Client, ws_clients) -> None:
     user = new_uid("c")
-    ws = connect_ws(server, ws_clients, user)
+    ws = server.online(user, ws_clients)
     results: dict[int, list[int]] = {}
 
     def work(n: int) -> None:
@@ -501,8 +494,8 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 def test_groups_and_exclude(server: PushServer, client: Client, ws_clients) -> None:
     a, b, group = new_uid("c"), new_uid("c"), "g-" + new_uid("c")
-    ws_a = connect_ws(server, ws_clients, a)
-    ws_b = connect_ws(server, ws_clients, b)
+    ws_a = server.online(a, ws_clients)
+    ws_b = server.online(b, ws_clients)
     client.join([a, b], group)
     assert client.push(group=group, data="to the group") == 2
     assert client.push(group=group, data="not to a", exclude=a) == 1
