@@ -31,7 +31,7 @@ Entry = tuple[int, float, bytes, tuple[str, ...]]  # offset, expires at, payload
 
 
 def new_epoch() -> str:
-    """Letters only: txredisapi would turn a reply that looks like a number into one."""
+    """Letters only: no Redis client can take an epoch for a number."""
     return "".join(random.choices(string.ascii_lowercase, k=10))
 
 
