@@ -170,7 +170,9 @@ class Server:
         return "\n".join(lines[-15:])
 
 
-def start_server(template: str, log_dir: Path, name: str) -> Server:
+def start_server(
+    template: str, log_dir: Path, name: str, env: dict[str, str] | None = None
+) -> Server:
     """Start a server on fresh ports and wait until both ports accept."""
     ws_port, text_port = free_port(), free_port()
     while text_port == ws_port:
@@ -178,7 +180,7 @@ def start_server(template: str, log_dir: Path, name: str) -> Server:
     argv = shlex.split(template.format(ws_port=ws_port, text_port=text_port))
     log_path = log_dir / f"{name}-{ws_port}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=SERVER_ENV)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env or SERVER_ENV)
     server = Server(proc, loadgen.Target(HOST, ws_port, text_port, proc.pid), log_path)
     deadline = time.monotonic() + 30
     for port in (ws_port, text_port):
@@ -639,6 +641,72 @@ def render_targets(out: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------
+# Connection set-up: this tree, another checkout, the reference
+# --------------------------------------------------------------------------
+
+
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment of a pushsvc server run from another checkout."""
+    return {**os.environ, "PYTHONPATH": str(tree.resolve())}
+
+
+def run_connect(
+    servers: dict[str, tuple[str, dict[str, str]]],
+    sizes: list[int],
+    reps: int,
+    cfg: loadgen.Config,
+    log_dir: Path,
+    loop: LoopFactory,
+) -> dict[str, list[dict[str, Any]]]:
+    """Each size on a fresh server of each kind, alternating, ``reps`` times."""
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+    for rep in range(reps):
+        for name, (template, env) in servers.items():
+            merged: dict[str, Any] = {}
+            for n in sizes:
+                server = start_server(template, log_dir, "connect", env)
+                try:
+                    time.sleep(0.3)
+                    hub = loadgen.Hub(HOST, server.target.ws_port)
+                    with asyncio.Runner(loop_factory=loop) as runner:
+                        res, clients = runner.run(
+                            loadgen.scenario_connect(server.target, hub, n, cfg)
+                        )
+                        loadgen.close_clients(clients)
+                    merged[f"connect_{n}"] = res
+                finally:
+                    stop_server(server)
+            out[name].append(merged)
+            print(f"  rep {rep + 1} {name}: done", flush=True)
+    return out
+
+
+def render_connect(results: dict[str, list[dict[str, Any]]], sizes: list[int]) -> str:
+    """Medians of set-up CPU and RSS per connection; each column over the reference."""
+    names = list(results)
+    lines = [
+        "| clients | figure | "
+        + " | ".join(names)
+        + " | "
+        + " | ".join(f"{n} / reference" for n in names if n != "reference")
+        + " |",
+        "|---|---|" + "---:|" * (2 * len(names) - 1),
+    ]
+    for n in sizes:
+        for fig, label in (
+            ("server_cpu_us_per_conn", "server CPU µs/connection ↓"),
+            ("rss_kib_per_conn", "server RSS KiB/connection ↓"),
+            ("server_cpu_pct", "server % of core 0"),
+        ):
+            vals = {k: median_cell(results[k], f"connect_{n}", fig)[0] for k in names}
+            ref = vals.get("reference")
+            cells = [f"{vals[k]:.1f}" for k in names]
+            ratios = [f"{vals[k] / ref:.2f}" if ref else "–" for k in names if k != "reference"]
+            lines.append(f"| {n:,} | {label} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------
 
@@ -962,6 +1030,17 @@ def main() -> None:
         action="store_true",
         help="instead of the table: 1,000 connections at once, RSS over connect/close cycles",
     )
+    parser.add_argument(
+        "--connect",
+        action="store_true",
+        help="instead of the table: connection set-up at 1,000 and 10,000 clients only",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="DIR",
+        help="with --connect: also measure the pushsvc of this checkout (a git worktree)",
+    )
     args = parser.parse_args()
 
     fd_limit = raise_fd_limit()
@@ -992,6 +1071,19 @@ def main() -> None:
         f"load average at start {Path('/proc/loadavg').read_text().split()[0]}",
         flush=True,
     )
+    if args.connect:
+        sizes = [200, 2000] if args.quick else [1000, 10000]
+        chosen = {"pushsvc": (PUSHSVC_CMD, SERVER_ENV)}
+        if args.before:
+            chosen[f"pushsvc at {args.before.name}"] = (PUSHSVC_CMD, tree_env(args.before))
+        chosen["reference"] = (REFERENCE_CMD, SERVER_ENV)
+        with tempfile.TemporaryDirectory(prefix="pushbench-") as tmp:
+            connected = run_connect(chosen, sizes, reps, cfg, Path(tmp), loop)
+        print()
+        print(render_connect(connected, sizes))
+        if args.json:
+            args.json.write_text(json.dumps({"machine": info, "connect": connected}, indent=1))
+        return
     if args.cluster or args.targets:
         raw: dict[str, Any] = {}
         with tempfile.TemporaryDirectory(prefix="pushbench-") as tmp:
