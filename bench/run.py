@@ -681,6 +681,58 @@ def run_connect(
     return out
 
 
+def run_storm(
+    servers: dict[str, tuple[str, dict[str, str]]],
+    n: int,
+    rate: int,
+    reps: int,
+    cfg: loadgen.Config,
+    log_dir: Path,
+    loop: LoopFactory,
+) -> dict[str, list[dict[str, Any]]]:
+    """The reconnect storm on a fresh server of each kind, alternating, ``reps`` times."""
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+    for rep in range(reps):
+        for name, (template, env) in servers.items():
+            server = start_server(template, log_dir, "storm", env)
+            try:
+                time.sleep(0.3)
+                with asyncio.Runner(loop_factory=loop) as runner:
+                    res = runner.run(loadgen.scenario_storm(server.target, n, rate, cfg))
+                out[name].append({"storm": res})
+            finally:
+                stop_server(server)
+            print(f"  rep {rep + 1} {name} storm: done", flush=True)
+    return out
+
+
+STORM_ROWS = (
+    ("all_back_s", "all registered again, s after the drop ↓", ".2f"),
+    ("back_p50_s", "p50 registered again, s ↓", ".2f"),
+    ("server_cpu_us_per_conn", "server CPU µs/reconnection ↓", ".0f"),
+    ("server_cpu_pct", "server % of core 0", ".0f"),
+    ("pushes", "pushes during the storm", ".0f"),
+    ("pushes_ok", "answered ok", ".0f"),
+    ("pushes_fail", "answered fail", ".0f"),
+    ("ok_not_delivered", "answered ok, never delivered ↓", ".0f"),
+)
+
+
+def render_storm(results: dict[str, list[dict[str, Any]]], n: int) -> str:
+    """Medians of the storm's figures, one column per server."""
+    names = list(results)
+    lines = [
+        f"| reconnect storm of {n:,} | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for fig, label, fmt in STORM_ROWS:
+        cells = [median_cell(results[k], "storm", fig)[0] for k in names]
+        lines.append(
+            f"| {label} | " + " | ".join("–" if v is None else format(v, fmt) for v in cells) + " |"
+        )
+    return "\n".join(lines)
+
+
 def render_connect(results: dict[str, list[dict[str, Any]]], sizes: list[int]) -> str:
     """Medians of set-up CPU and RSS per connection; each column over the reference."""
     names = list(results)
@@ -1036,6 +1088,11 @@ def main() -> None:
         help="instead of the table: connection set-up at 1,000 and 10,000 clients only",
     )
     parser.add_argument(
+        "--storm",
+        action="store_true",
+        help="instead of the table: 10,000 clients dropped at once reconnect (push.js backoff)",
+    )
+    parser.add_argument(
         "--before",
         type=Path,
         metavar="DIR",
@@ -1071,12 +1128,21 @@ def main() -> None:
         f"load average at start {Path('/proc/loadavg').read_text().split()[0]}",
         flush=True,
     )
+    chosen = {"pushsvc": (PUSHSVC_CMD, SERVER_ENV)}
+    if args.before:
+        chosen[f"pushsvc at {args.before.name}"] = (PUSHSVC_CMD, tree_env(args.before))
+    chosen["reference"] = (REFERENCE_CMD, SERVER_ENV)
+    if args.storm:
+        n = 1000 if args.quick else 10000
+        with tempfile.TemporaryDirectory(prefix="pushbench-") as tmp:
+            storm = run_storm(chosen, n, 1000, reps, cfg, Path(tmp), loop)
+        print()
+        print(render_storm(storm, n))
+        if args.json:
+            args.json.write_text(json.dumps({"machine": info, "storm": storm}, indent=1))
+        return
     if args.connect:
         sizes = [200, 2000] if args.quick else [1000, 10000]
-        chosen = {"pushsvc": (PUSHSVC_CMD, SERVER_ENV)}
-        if args.before:
-            chosen[f"pushsvc at {args.before.name}"] = (PUSHSVC_CMD, tree_env(args.before))
-        chosen["reference"] = (REFERENCE_CMD, SERVER_ENV)
         with tempfile.TemporaryDirectory(prefix="pushbench-") as tmp:
             connected = run_connect(chosen, sizes, reps, cfg, Path(tmp), loop)
         print()

@@ -147,6 +147,7 @@ HANDSHAKE_ONLY = (
     "websocket_origin",
     "websocket_protocols",
     "websocket_extensions",
+    "_wskey",
 )
 # The frame parser's per-frame objects: set again at each frame (or message) before use.
 FRAME_STATE = ("current_frame_masker", "utf8validateLast")
