@@ -50,7 +50,26 @@ def browser(shared: object, uid: bytes) -> StringTransport:
 
 
 def connect(rounds: int) -> None:
-    """ROUNDS x 100 connection set-ups, all held to the end (as a server holds them)."""
+    """ROUNDS x 100 connection set-ups, all held to the end (as a server holds them).
+
+    Set up as ``makeService`` does in that checkout: Autobahn's debug
+    formatting off and, where the checkout has one, its garbage collector
+    policy started (its timer never fires here).
+    """
+    import txaio
+
+    from pushsvc import compat
+
+    txaio.set_global_log_level("info")
+    compat.quiet_autobahn_debug()
+    try:
+        from pushsvc.gcpolicy import FullCollections
+    except ImportError:
+        pass
+    else:
+        policy = FullCollections(60)
+        policy.clock = Clock()
+        policy.startService()
     shared = owner()
     factory = PushServerFactory(shared, UidAuthenticator(), ping_interval=0)
     factory.reactor = Clock()

@@ -188,20 +188,36 @@ def compact(conn: Any) -> None:
     attribute again when it changes it.
     """
     cls = type(conn)
-    kept = {}
-    drop = HANDSHAKE_ONLY + FRAME_STATE if conn.current_frame is None else HANDSHAKE_ONLY
-    for name, value in vars(conn).items():
-        if name in drop:
-            continue
-        if type(value) in _SCALARS:
-            default = getattr(cls, name, _defaults)
-            if type(default) is type(value) and default == value:
-                continue
-        kept[name] = value
+    defaults = _class_values.get(cls)
+    if defaults is None:
+        defaults = _class_values[cls] = _scalar_class_values(cls)
+    drop = _DROP_BETWEEN_FRAMES if conn.current_frame is None else _DROP
+    kept = {
+        name: value
+        for name, value in vars(conn).items()
+        if name not in drop
+        and not (
+            name in defaults and type(value) is type(defaults[name]) and value == defaults[name]
+        )
+    }
     queue = kept.get("send_queue")
     if type(queue) is deque and not queue:
         kept["send_queue"] = SendQueue()
     conn.__dict__ = kept
+
+
+_DROP = frozenset(HANDSHAKE_ONLY)
+_DROP_BETWEEN_FRAMES = frozenset(HANDSHAKE_ONLY + FRAME_STATE)
+_class_values: dict[type, dict[str, object]] = {}
+
+
+def _scalar_class_values(cls: type) -> dict[str, object]:
+    """The class's scalar attributes (its own, its bases', the connection defaults)."""
+    names = set(connection_defaults())
+    for klass in cls.__mro__:
+        names.update(name for name, value in vars(klass).items() if type(value) in _SCALARS)
+    values = {name: getattr(cls, name, _class_values) for name in names}
+    return {name: value for name, value in values.items() if type(value) in _SCALARS}
 
 
 # -- Autobahn: connection state (_perMessageCompress, send_queue, sendCloseFrame, wasClean,

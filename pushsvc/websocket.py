@@ -149,7 +149,7 @@ class PushServerProtocol(WebSocketServerProtocol):
         if reader is None:
             super().dataReceived(data)
             if len(vars(self)) > COMPACT_ABOVE and self.state == self.STATE_OPEN:
-                compat.compact(self)  # the frame parser's state, back to the class's values
+                compat.compact(self)  # after the handshake and frames: keep what an idle one uses
             return
         try:
             head = reader.feed(data)
@@ -180,7 +180,6 @@ class PushServerProtocol(WebSocketServerProtocol):
             self._query_token = tokens[0]
 
     def onOpen(self) -> None:
-        compat.compact(self)  # idle connections are most of the memory: keep only what they use
         self.factory.node.attach(self)
         if self._query_token is not None:
             token, self._query_token = self._query_token, None
