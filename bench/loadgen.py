@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import ssl
 import statistics
 import time
 from collections import Counter
@@ -130,6 +131,14 @@ class Window:
 # --------------------------------------------------------------------------
 # Simulated browsers
 # --------------------------------------------------------------------------
+
+
+def client_tls() -> ssl.SSLContext:
+    """A TLS client context for the benchmark's self-signed server (no verification)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def mask_frame(opcode: int, payload: bytes) -> bytes:
@@ -320,7 +329,12 @@ class WsClient(asyncio.Protocol):
 
 
 async def connect_clients(
-    hub: Hub, host: str, port: int, uids: list[str], window: int
+    hub: Hub,
+    host: str,
+    port: int,
+    uids: list[str],
+    window: int,
+    tls: ssl.SSLContext | None = None,
 ) -> list[WsClient]:
     """Open one connection per uid, at most ``window`` set-ups in flight.
 
@@ -339,7 +353,7 @@ async def connect_clients(
             next_index += 1
             ready = loop.create_future()
             client = WsClient(uid, hub, ready)
-            await loop.create_connection(lambda c=client: c, host, port)
+            await loop.create_connection(lambda c=client: c, host, port, ssl=tls)
             clients.append(client)
             await ready
 
@@ -489,6 +503,7 @@ class Target:
     pid: int
     extra_pids: tuple[int, ...] = ()
     backend_ports: tuple[int, ...] = ()
+    tls: ssl.SSLContext | None = None  # clients speak wss:// (the certificate is not checked)
 
     def window(self) -> Window:
         """A measuring window over every process of this target."""
@@ -527,7 +542,8 @@ async def scenario_connect(
     window = target.window()
     window.start()
     clients = await asyncio.wait_for(
-        connect_clients(hub, target.host, target.ws_port, uids, cfg.connect_window), cfg.timeout
+        connect_clients(hub, target.host, target.ws_port, uids, cfg.connect_window, target.tls),
+        cfg.timeout,
     )
     window.stop()
     await asyncio.sleep(0.2)  # let allocations settle before reading RSS

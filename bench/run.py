@@ -665,6 +665,8 @@ def run_connect(
             merged: dict[str, Any] = {}
             for n in sizes:
                 server = start_server(template, log_dir, "connect", env)
+                if "--ws-port ssl:" in template:
+                    server.target.tls = loadgen.client_tls()
                 try:
                     time.sleep(0.3)
                     hub = loadgen.Hub(HOST, server.target.ws_port)
@@ -678,6 +680,24 @@ def run_connect(
                     stop_server(server)
             out[name].append(merged)
             print(f"  rep {rep + 1} {name}: done", flush=True)
+    return out
+
+
+def tls_servers(
+    servers: dict[str, tuple[str, dict[str, str]]], directory: Path
+) -> dict[str, tuple[str, dict[str, str]]]:
+    """Each pushsvc also with its WebSocket port on TLS (the reference has no TLS)."""
+    sys.path.insert(0, str(PROJECT_DIR / "tests"))
+    from certificate import self_signed  # the tests' self-signed key for 127.0.0.1
+
+    key, cert = self_signed(directory)
+    plain = " --ws-port tcp:{ws_port}:interface=127.0.0.1"
+    tls = f" --ws-port ssl:{{ws_port}}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    out = {}
+    for name, (template, env) in servers.items():
+        out[name] = (template, env)
+        if plain in template:
+            out[f"{name} TLS"] = (template.replace(plain, tls), env)
     return out
 
 
@@ -1093,6 +1113,11 @@ def main() -> None:
         help="instead of the table: 10,000 clients dropped at once reconnect (push.js backoff)",
     )
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="with --connect: pushsvc also with an ssl: endpoint (wss://), a self-signed key",
+    )
+    parser.add_argument(
         "--before",
         type=Path,
         metavar="DIR",
@@ -1144,6 +1169,8 @@ def main() -> None:
     if args.connect:
         sizes = [200, 2000] if args.quick else [1000, 10000]
         with tempfile.TemporaryDirectory(prefix="pushbench-") as tmp:
+            if args.tls:
+                chosen = tls_servers(chosen, Path(tmp))
             connected = run_connect(chosen, sizes, reps, cfg, Path(tmp), loop)
         print()
         print(render_connect(connected, sizes))
