@@ -192,13 +192,12 @@ def compact(conn: Any) -> None:
     if defaults is None:
         defaults = _class_values[cls] = _scalar_class_values(cls)
     drop = _DROP_BETWEEN_FRAMES if conn.current_frame is None else _DROP
+    # Identity, not equality: Autobahn assigns the same None, True, False, small
+    # ints and empty bytes objects the class holds (CPython caches them).
     kept = {
         name: value
         for name, value in vars(conn).items()
-        if name not in drop
-        and not (
-            name in defaults and type(value) is type(defaults[name]) and value == defaults[name]
-        )
+        if name not in drop and defaults.get(name, drop) is not value
     }
     queue = kept.get("send_queue")
     if type(queue) is deque and not queue:
