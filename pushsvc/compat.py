@@ -237,6 +237,20 @@ def send_prepared(conn: Any, prepared: Any, direct: bool) -> None:
         conn.sendPreparedMessage(prepared)
 
 
+def send_response_now(conn: Any, data: bytes) -> bool:
+    """Send the opening handshake's response (101, or an HTTP error) at once; False if queued.
+
+    Autobahn writes it through Twisted's queued write: an ``epoll_ctl`` pair and
+    a reactor turn per connection before the ``send()``.  Its traffic counter
+    is kept as Autobahn keeps it.
+    """
+    if conn.send_queue:
+        return False
+    write_now(conn.transport, data)
+    conn.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+    return True
+
+
 def close_with(conn: Any, code: int, reason: bytes) -> None:
     """Send a close frame with a code ``sendClose`` refuses (1001, 1008: only 1000, 3000-4999)."""
     conn.sendCloseFrame(code, reason, isReply=False)
@@ -369,6 +383,8 @@ def problems() -> list[str]:
     found += _compact_problems()
     if not isinstance(getattr(WebSocketServerProtocol, "CONFIG_ATTRS", None), list):
         found.append("WebSocketServerProtocol.CONFIG_ATTRS (compat.protocol_with_options)")
+    if not hasattr(_opened_probe().trafficStats, "preopenOutgoingOctetsWireLevel"):
+        found.append("TrafficStats.preopenOutgoingOctetsWireLevel (compat.send_response_now)")
     for name in (
         "sendCloseFrame",
         "dropConnection",

@@ -292,10 +292,16 @@ class PushServerProtocol(WebSocketServerProtocol):
     # -- limits (pushsvc/policy.py; docs/security.md) ----------------------------
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        """Autobahn's write path, counted by the send-queue guard while the peer lags."""
+        """Autobahn's write path, counted by the send-queue guard while the peer lags.
+
+        The handshake's response leaves at once, without Twisted's queued write.
+        """
         guard = self._guard
         if guard is not None and guard.state and not guard.admit(len(data)):
             return  # closing as a slow consumer: dropped
+        if self.state == self.STATE_CONNECTING and not (sync or chopsize):
+            if compat.send_response_now(self, data):
+                return
         super().sendData(data, sync, chopsize)
 
     def onFrameBegin(self) -> None:

@@ -163,3 +163,36 @@ def test_an_idle_connection_keeps_a_small_dict_and_still_works() -> None:
     conn.dataReceived(masked(0x8, b"\x03\xe8"))  # close 1000: answered, then dropped
     assert transport.value().endswith(b"\x88\x02\x03\xe8")
     assert conn.state == conn.STATE_CLOSED or transport.disconnecting
+
+
+def test_the_101_response_leaves_before_the_next_reactor_turn() -> None:
+    """On a real TCP transport the 101 is in the peer's socket without Twisted's queued write."""
+    from twisted.internet.task import Clock
+
+    from pushsvc.auth import UidAuthenticator
+    from pushsvc.broker.memory import MemoryBroker
+    from pushsvc.history.store import MemoryStore
+    from pushsvc.node import Node
+    from pushsvc.websocket import PushServerFactory
+
+    node = Node(MemoryBroker(), MemoryStore())
+    factory = PushServerFactory(node, UidAuthenticator(), ping_interval=0)
+    factory.reactor = Clock()
+    server, peer = compat._tcp_server()
+    conn = factory.buildProtocol(None)
+    try:
+        conn.makeConnection(server)
+        conn.dataReceived(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert not server.dataBuffer and not server._tempDataLen  # nothing left for a later turn
+        peer.settimeout(0)
+        assert peer.recv(4096).startswith(b"HTTP/1.1 101")  # no reactor turn ran
+        assert conn.state == conn.STATE_OPEN
+    finally:
+        conn.transport.stopReading()
+        server.stopWriting()
+        server.socket.close()
+        peer.close()
+        factory.handshakes.discard(conn)
