@@ -223,6 +223,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for d in diff[: args.top]
             ]
             tracemalloc.stop()
+        t0 = time.perf_counter()
+        gc.collect()
+        out["full_collection_ms"] = (time.perf_counter() - t0) * 1e3
+        out["tracked_objects"] = len(gc.get_objects())
         out["one_connection"] = one_connection(live_protocols())
         reactor.callLater(0, reactor.stop)
 
@@ -265,6 +269,10 @@ def report(out: dict[str, Any]) -> str:
             f" | {runs} | {s['seconds']:.2f}"
         )
     lines.append(f"\nRSS growth per connection: {out['rss_kib_per_conn']:.2f} KiB")
+    lines.append(
+        f"One full collection with everybody connected: {out['full_collection_ms']:.0f} ms"
+        f" ({out['tracked_objects']:,} tracked objects, frozen ones not counted)"
+    )
     if "traced_bytes_per_conn" in out:
         lines.append(
             f"Python memory (tracemalloc) per connection: {out['traced_bytes_per_conn']:.0f} B"
