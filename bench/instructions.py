@@ -12,6 +12,7 @@ checkout of pushsvc (an older commit in a ``git worktree``) in the same
 invocation:
 
     python bench/instructions.py --checkout ../pushsvc-old --checkout .
+    python bench/instructions.py --kind connect --checkout ../pushsvc-old --checkout .
 
 Needs valgrind (``apt-get install valgrind``).
 """
@@ -49,14 +50,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkout", action="append", type=Path, help="a pushsvc checkout")
     parser.add_argument("--rounds", type=int, default=40, help="reads of 100 lines each")
+    parser.add_argument(
+        "--kind", action="append", choices=("offline", "online", "connect"), help="workloads"
+    )
+    parser.add_argument(
+        "--connect-rounds", type=int, default=10, help="connect: 100 set-ups each, all held"
+    )
     args = parser.parse_args()
     checkouts = args.checkout or [HERE.parent]
-    for kind in ("offline", "online"):
+    kinds = args.kind or ["offline", "online"]
+    for kind in kinds:
+        rounds = args.rounds if kind != "connect" else args.connect_rounds
+        what = "connection set-up (held)" if kind == "connect" else f"{kind} push line"
         for checkout in checkouts:
             base = instructions(checkout, 0, kind)
-            loaded = instructions(checkout, args.rounds, kind)
-            per_line = (loaded - base) / (args.rounds * 100)
-            sys.stdout.write(f"{checkout}: {per_line:,.0f} instructions per {kind} push line\n")
+            loaded = instructions(checkout, rounds, kind)
+            per_line = (loaded - base) / (rounds * 100)
+            sys.stdout.write(f"{checkout}: {per_line:,.0f} instructions per {what}\n")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """The workload bench/instructions.py runs under valgrind: ROUNDS reads of 100 push lines.
 
-Usage: python bench/instructions_workload.py ROUNDS offline|online
+Or, for ``connect``, ROUNDS times 100 browser connections set up and held
+(accept, handshake, 101, uid frame, a ping answered), on test transports.
+
+Usage: python bench/instructions_workload.py ROUNDS offline|online|connect
 """
 
 from __future__ import annotations
@@ -46,8 +49,49 @@ def browser(shared: object, uid: bytes) -> StringTransport:
     return transport
 
 
+def connect(rounds: int) -> None:
+    """ROUNDS x 100 connection set-ups, all held to the end (as a server holds them).
+
+    Set up as ``makeService`` does in that checkout: Autobahn's debug
+    formatting off and, where the checkout has one, its garbage collector
+    policy started (its timer never fires here).
+    """
+    import txaio
+
+    from pushsvc import compat
+
+    txaio.set_global_log_level("info")
+    compat.quiet_autobahn_debug()
+    try:
+        from pushsvc.gcpolicy import FullCollections
+    except ImportError:
+        pass
+    else:
+        policy = FullCollections(60)
+        policy.clock = Clock()
+        policy.startService()
+    shared = owner()
+    factory = PushServerFactory(shared, UidAuthenticator(), ping_interval=0)
+    factory.reactor = Clock()
+    held = []
+    ping = bytes([0x89, 0x81]) + MASK + bytes([ord("p") ^ MASK[0]])
+    for i in range(rounds * 100):
+        uid = b"u%d" % i
+        proto = factory.buildProtocol(None)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(HANDSHAKE)
+        masked = bytes(c ^ MASK[j % 4] for j, c in enumerate(uid))
+        proto.dataReceived(bytes([0x81, 0x80 | len(uid)]) + MASK + masked + ping)
+        assert transport.value().endswith(b"\x8a\x01p"), transport.value()[-20:]
+        held.append((proto, transport))
+
+
 def main() -> None:
     rounds, kind = int(sys.argv[1]), sys.argv[2]
+    if kind == "connect":
+        connect(rounds)
+        return
     shared = owner()
     backend = BackendProtocol(shared, 1 << 20)
     backend.makeConnection(StringTransport())

@@ -25,6 +25,8 @@ import base64
 import hashlib
 import json
 import os
+import random
+import ssl
 import statistics
 import time
 from collections import Counter
@@ -129,6 +131,14 @@ class Window:
 # --------------------------------------------------------------------------
 # Simulated browsers
 # --------------------------------------------------------------------------
+
+
+def client_tls() -> ssl.SSLContext:
+    """A TLS client context for the benchmark's self-signed server (no verification)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def mask_frame(opcode: int, payload: bytes) -> bytes:
@@ -319,7 +329,12 @@ class WsClient(asyncio.Protocol):
 
 
 async def connect_clients(
-    hub: Hub, host: str, port: int, uids: list[str], window: int
+    hub: Hub,
+    host: str,
+    port: int,
+    uids: list[str],
+    window: int,
+    tls: ssl.SSLContext | None = None,
 ) -> list[WsClient]:
     """Open one connection per uid, at most ``window`` set-ups in flight.
 
@@ -338,7 +353,7 @@ async def connect_clients(
             next_index += 1
             ready = loop.create_future()
             client = WsClient(uid, hub, ready)
-            await loop.create_connection(lambda c=client: c, host, port)
+            await loop.create_connection(lambda c=client: c, host, port, ssl=tls)
             clients.append(client)
             await ready
 
@@ -488,6 +503,7 @@ class Target:
     pid: int
     extra_pids: tuple[int, ...] = ()
     backend_ports: tuple[int, ...] = ()
+    tls: ssl.SSLContext | None = None  # clients speak wss:// (the certificate is not checked)
 
     def window(self) -> Window:
         """A measuring window over every process of this target."""
@@ -526,7 +542,8 @@ async def scenario_connect(
     window = target.window()
     window.start()
     clients = await asyncio.wait_for(
-        connect_clients(hub, target.host, target.ws_port, uids, cfg.connect_window), cfg.timeout
+        connect_clients(hub, target.host, target.ws_port, uids, cfg.connect_window, target.tls),
+        cfg.timeout,
     )
     window.stop()
     await asyncio.sleep(0.2)  # let allocations settle before reading RSS
@@ -796,6 +813,113 @@ async def scenario_burst(target: Target, hub: Hub, n: int, cfg: Config) -> dict[
         registered_p99_ms=q[98] * 1e3,
         registered_max_ms=max(registered) * 1e3,
         tcp_counters={k: after[k] - before[k] for k in after if k in before},
+    )
+    return result
+
+
+class RecordingBackend(Backend):
+    """A backend connection that keeps every reply line in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[bytes] = []
+
+    def data_received(self, data: bytes) -> None:
+        """Keep the complete lines, then count them as usual."""
+        self.lines += (self.buf + data).split(b"\n")[:-1]
+        super().data_received(data)
+
+
+# push.js's reconnect: a random wait in [0, min(cap, base * 2^attempt)) ms ("full jitter").
+BACKOFF_BASE, BACKOFF_CAP = 0.5, 30.0
+
+
+async def reconnect_like_push_js(
+    target: Target, hub: Hub, uid: str, clients: list[WsClient], registered: list[float]
+) -> None:
+    """One browser after a drop: push.js's jittered backoff until it is registered again."""
+    loop = asyncio.get_running_loop()
+    for attempt in range(12):  # bounded: 12 attempts reach the 30 s cap
+        await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
+        ready = loop.create_future()
+        client = WsClient(uid, hub, ready)
+        try:
+            await loop.create_connection(lambda c=client: c, target.host, target.ws_port)
+            await asyncio.wait_for(ready, 10)
+        except (OSError, BenchError, asyncio.TimeoutError):
+            if client.transport is not None:
+                client.transport.abort()
+            continue
+        clients.append(client)
+        registered.append(time.perf_counter())
+        return
+    raise BenchError(f"{uid} did not get back within 12 attempts")
+
+
+async def scenario_storm(target: Target, n: int, rate: int, cfg: Config) -> dict[str, Any]:
+    """``n`` connected browsers dropped at once reconnect with push.js's backoff, under pushes.
+
+    A backend pushes ``rate`` pushes/s to random uids throughout (payload: a
+    sequence number).  A push answered ``ok`` must reach its uid's connection
+    (checked 2 s after the storm): a reply of ``ok`` for a browser still away
+    is a lie, ``fail`` is the honest answer.
+    """
+    hub = Hub(target.host, target.ws_port)
+    got: set[int] = set()
+    hub.on_text = lambda client, payload: got.add(int(payload))
+    uids = [f"s{i}" for i in range(n)]
+    clients = await connect_clients(hub, target.host, target.ws_port, uids, cfg.connect_window)
+    hub.errors.clear()  # drops below are expected; failures are counted per attempt
+    loop = asyncio.get_running_loop()
+    _, backend = await loop.create_connection(RecordingBackend, target.host, target.text_port)
+    backend.reset(0)
+    sent: list[int] = []  # sequence numbers, in order; replies come back in the same order
+    stop = asyncio.Event()
+
+    async def pushes() -> None:
+        seq = 0
+        while not stop.is_set():
+            lines = []
+            for _ in range(max(1, rate // 100)):
+                lines.append(push_line(random.choice(uids), str(seq)))
+                sent.append(seq)
+                seq += 1
+            backend.write_now(b"".join(lines), len(lines))
+            await asyncio.sleep(0.01)
+
+    pusher = asyncio.ensure_future(pushes())
+    await asyncio.sleep(0.5)
+    window = target.window()
+    back: list[WsClient] = []
+    registered: list[float] = []
+    window.start()
+    t0 = time.perf_counter()
+    close_clients(clients)
+    await asyncio.wait_for(
+        asyncio.gather(*(reconnect_like_push_js(target, hub, u, back, registered) for u in uids)),
+        cfg.timeout,
+    )
+    window.stop()
+    await asyncio.sleep(0.5)
+    stop.set()
+    await pusher
+    while backend.replied < len(sent):
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(2.0)  # frames still in flight
+    lies = sum(r == b"ok" and seq not in got for r, seq in zip(backend.lines, sent, strict=True))
+    close_clients(back)
+    close_backends([backend])
+    result = window.figures(n, "conn")
+    q = statistics.quantiles([t - t0 for t in registered], n=100, method="inclusive")
+    result.update(
+        all_back_s=max(registered) - t0,
+        back_p50_s=q[49],
+        back_p99_s=q[98],
+        pushes=len(sent),
+        pushes_ok=backend.replies[b"ok"],
+        pushes_fail=backend.replies[b"fail"],
+        ok_not_delivered=lies,
+        delivered=len(got),
     )
     return result
 

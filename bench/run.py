@@ -171,7 +171,11 @@ class Server:
 
 
 def start_server(
-    template: str, log_dir: Path, name: str, ports: tuple[int, int] | None = None
+    template: str,
+    log_dir: Path,
+    name: str,
+    ports: tuple[int, int] | None = None,
+    env: dict[str, str] | None = None,
 ) -> Server:
     """Start a server on fresh ports (or ``ports``, shared) and wait until both ports accept."""
     ws_port, text_port = ports or (free_port(), free_port())
@@ -180,7 +184,7 @@ def start_server(
     argv = shlex.split(template.format(ws_port=ws_port, text_port=text_port))
     log_path = log_dir / f"{name}-{ws_port}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=SERVER_ENV)
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env or SERVER_ENV)
     server = Server(proc, loadgen.Target(HOST, ws_port, text_port, proc.pid), log_path)
     deadline = time.monotonic() + 30
     for port in (ws_port, text_port):
@@ -671,6 +675,144 @@ def render_targets(out: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------
+# Connection set-up: this tree, another checkout, the reference
+# --------------------------------------------------------------------------
+
+
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment of a pushsvc server run from another checkout."""
+    return {**os.environ, "PYTHONPATH": str(tree.resolve())}
+
+
+def run_connect(
+    servers: dict[str, tuple[str, dict[str, str]]],
+    sizes: list[int],
+    reps: int,
+    cfg: loadgen.Config,
+    log_dir: Path,
+    loop: LoopFactory,
+) -> dict[str, list[dict[str, Any]]]:
+    """Each size on a fresh server of each kind, alternating, ``reps`` times."""
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+    for rep in range(reps):
+        for name, (template, env) in servers.items():
+            merged: dict[str, Any] = {}
+            for n in sizes:
+                server = start_server(template, log_dir, "connect", env=env)
+                if "--ws-port ssl:" in template:
+                    server.target.tls = loadgen.client_tls()
+                try:
+                    time.sleep(0.3)
+                    hub = loadgen.Hub(HOST, server.target.ws_port)
+                    with asyncio.Runner(loop_factory=loop) as runner:
+                        res, clients = runner.run(
+                            loadgen.scenario_connect(server.target, hub, n, cfg)
+                        )
+                        loadgen.close_clients(clients)
+                    merged[f"connect_{n}"] = res
+                finally:
+                    stop_server(server)
+            out[name].append(merged)
+            print(f"  rep {rep + 1} {name}: done", flush=True)
+    return out
+
+
+def tls_servers(
+    servers: dict[str, tuple[str, dict[str, str]]], directory: Path
+) -> dict[str, tuple[str, dict[str, str]]]:
+    """Each pushsvc also with its WebSocket port on TLS (the reference has no TLS)."""
+    sys.path.insert(0, str(PROJECT_DIR / "tests"))
+    from certificate import self_signed  # the tests' self-signed key for 127.0.0.1
+
+    key, cert = self_signed(directory)
+    plain = " --ws-port tcp:{ws_port}:interface=127.0.0.1"
+    tls = f" --ws-port ssl:{{ws_port}}:interface=127.0.0.1:privateKey={key}:certKey={cert}"
+    out = {}
+    for name, (template, env) in servers.items():
+        out[name] = (template, env)
+        if plain in template:
+            out[f"{name} TLS"] = (template.replace(plain, tls), env)
+    return out
+
+
+def run_storm(
+    servers: dict[str, tuple[str, dict[str, str]]],
+    n: int,
+    rate: int,
+    reps: int,
+    cfg: loadgen.Config,
+    log_dir: Path,
+    loop: LoopFactory,
+) -> dict[str, list[dict[str, Any]]]:
+    """The reconnect storm on a fresh server of each kind, alternating, ``reps`` times."""
+    out: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
+    for rep in range(reps):
+        for name, (template, env) in servers.items():
+            server = start_server(template, log_dir, "storm", env=env)
+            try:
+                time.sleep(0.3)
+                with asyncio.Runner(loop_factory=loop) as runner:
+                    res = runner.run(loadgen.scenario_storm(server.target, n, rate, cfg))
+                out[name].append({"storm": res})
+            finally:
+                stop_server(server)
+            print(f"  rep {rep + 1} {name} storm: done", flush=True)
+    return out
+
+
+STORM_ROWS = (
+    ("all_back_s", "all registered again, s after the drop ↓", ".2f"),
+    ("back_p50_s", "p50 registered again, s ↓", ".2f"),
+    ("server_cpu_us_per_conn", "server CPU µs/reconnection ↓", ".0f"),
+    ("server_cpu_pct", "server % of core 0", ".0f"),
+    ("pushes", "pushes during the storm", ".0f"),
+    ("pushes_ok", "answered ok", ".0f"),
+    ("pushes_fail", "answered fail", ".0f"),
+    ("ok_not_delivered", "answered ok, never delivered ↓", ".0f"),
+)
+
+
+def render_storm(results: dict[str, list[dict[str, Any]]], n: int) -> str:
+    """Medians of the storm's figures, one column per server."""
+    names = list(results)
+    lines = [
+        f"| reconnect storm of {n:,} | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
+    for fig, label, fmt in STORM_ROWS:
+        cells = [median_cell(results[k], "storm", fig)[0] for k in names]
+        lines.append(
+            f"| {label} | " + " | ".join("–" if v is None else format(v, fmt) for v in cells) + " |"
+        )
+    return "\n".join(lines)
+
+
+def render_connect(results: dict[str, list[dict[str, Any]]], sizes: list[int]) -> str:
+    """Medians of set-up CPU and RSS per connection; each column over the reference."""
+    names = list(results)
+    lines = [
+        "| clients | figure | "
+        + " | ".join(names)
+        + " | "
+        + " | ".join(f"{n} / reference" for n in names if n != "reference")
+        + " |",
+        "|---|---|" + "---:|" * (2 * len(names) - 1),
+    ]
+    for n in sizes:
+        for fig, label in (
+            ("server_cpu_us_per_conn", "server CPU µs/connection ↓"),
+            ("rss_kib_per_conn", "server RSS KiB/connection ↓"),
+            ("server_cpu_pct", "server % of core 0"),
+        ):
+            vals = {k: median_cell(results[k], f"connect_{n}", fig)[0] for k in names}
+            ref = vals.get("reference")
+            cells = [f"{vals[k]:.1f}" for k in names]
+            ratios = [f"{vals[k] / ref:.2f}" if ref else "–" for k in names if k != "reference"]
+            lines.append(f"| {n:,} | {label} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------
 
@@ -994,6 +1136,27 @@ def main() -> None:
         action="store_true",
         help="instead of the table: 1,000 connections at once, RSS over connect/close cycles",
     )
+    parser.add_argument(
+        "--connect",
+        action="store_true",
+        help="instead of the table: connection set-up at 1,000 and 10,000 clients only",
+    )
+    parser.add_argument(
+        "--storm",
+        action="store_true",
+        help="instead of the table: 10,000 clients dropped at once reconnect (push.js backoff)",
+    )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="with --connect: pushsvc also with an ssl: endpoint (wss://), a self-signed key",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="DIR",
+        help="with --connect: also measure the pushsvc of this checkout (a git worktree)",
+    )
     args = parser.parse_args()
 
     fd_limit = raise_fd_limit()
@@ -1024,6 +1187,30 @@ def main() -> None:
         f"load average at start {Path('/proc/loadavg').read_text().split()[0]}",
         flush=True,
     )
+    chosen = {"pushsvc": (PUSHSVC_CMD, SERVER_ENV)}
+    if args.before:
+        chosen[f"pushsvc at {args.before.name}"] = (PUSHSVC_CMD, tree_env(args.before))
+    chosen["reference"] = (REFERENCE_CMD, SERVER_ENV)
+    if args.storm:
+        n = 1000 if args.quick else 10000
+        with tempfile.TemporaryDirectory(prefix="pushbench-") as tmp:
+            storm = run_storm(chosen, n, 1000, reps, cfg, Path(tmp), loop)
+        print()
+        print(render_storm(storm, n))
+        if args.json:
+            args.json.write_text(json.dumps({"machine": info, "storm": storm}, indent=1))
+        return
+    if args.connect:
+        sizes = [200, 2000] if args.quick else [1000, 10000]
+        with tempfile.TemporaryDirectory(prefix="pushbench-") as tmp:
+            if args.tls:
+                chosen = tls_servers(chosen, Path(tmp))
+            connected = run_connect(chosen, sizes, reps, cfg, Path(tmp), loop)
+        print()
+        print(render_connect(connected, sizes))
+        if args.json:
+            args.json.write_text(json.dumps({"machine": info, "connect": connected}, indent=1))
+        return
     if args.cluster or args.targets:
         raw: dict[str, Any] = {}
         with tempfile.TemporaryDirectory(prefix="pushbench-") as tmp:

@@ -11,6 +11,9 @@ Tested with Twisted 23.10 - 26.10, Autobahn 23.1 - 26.11.
 
 from __future__ import annotations
 
+import inspect
+import re
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -107,7 +110,10 @@ def protocol_with_options(factory: Any) -> type:
     Autobahn copies every option from the factory onto each connection unless
     the protocol class already has it; with the options on the class, a
     connection stores none (less memory and set-up per connection).  Callables
-    such as ``perMessageCompressionAccept`` stay plain functions.
+    such as ``perMessageCompressionAccept`` stay plain functions.  The class
+    also holds the values every open connection starts with
+    (:func:`connection_defaults`), so that :func:`compact` can drop them from
+    each connection.
     """
     base = factory.protocol
     options = {
@@ -115,7 +121,99 @@ def protocol_with_options(factory: Any) -> type:
         for name in base.CONFIG_ATTRS
         for value in [getattr(factory, name)]
     }
-    return type(base.__name__, (base,), options)
+    defaults = {k: v for k, v in connection_defaults().items() if not hasattr(base, k)}
+    return type(base.__name__, (base,), {**defaults, **options})
+
+
+# -- Autobahn: per-connection state after the opening handshake (_connectionMade,
+# processHandshake, succeedHandshake, send_queue).  Tested with Autobahn 23.1 - 26.11:
+# _connectionMade sets ~60 attributes on each connection, processHandshake ~15 more, so
+# CPython gives each connection a dict of its own (no key sharing past 30 keys) of
+# 1,584 bytes, and send_queue is a deque of 760 bytes that is empty nearly always.
+
+# Read by Autobahn only while it parses the request and writes the 101 response.
+HANDSHAKE_ONLY = (
+    "http_request_data",
+    "http_headers",
+    "http_response_data",
+    "http_status_line",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_params",
+    "http_request_host",
+    "websocket_origin",
+    "websocket_protocols",
+    "websocket_extensions",
+    "_wskey",
+)
+# The frame parser's per-frame objects: set again at each frame (or message) before use.
+FRAME_STATE = ("current_frame_masker", "utf8validateLast")
+_SCALARS = (type(None), bool, int, float, str, bytes)
+_defaults: dict[str, object] = {}
+
+
+class SendQueue(list):
+    """Autobahn's send queue as a list (56 bytes empty, a deque is 760): append, popleft, len.
+
+    It holds the chunks of a write Autobahn chops or syncs, rarely more than a few.
+    """
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+def connection_defaults() -> dict[str, object]:
+    """The scalar attributes (flags, counters, None) of a freshly opened server connection."""
+    if not _defaults:
+        proto = _opened_probe()
+        found = {k: v for k, v in vars(proto).items() if type(v) in _SCALARS}
+        found.pop("peer", None)
+        _defaults.update(found)
+        _defaults.update(dict.fromkeys(HANDSHAKE_ONLY + FRAME_STATE))
+    return _defaults
+
+
+def compact(conn: Any) -> None:
+    """Shrink an open connection's state: drop what its class holds and what the handshake used.
+
+    Attributes equal to the class's value (see :func:`protocol_with_options`),
+    the handshake-only ones and, between frames, the parser's per-frame objects
+    go; an empty deque send queue becomes a :class:`SendQueue`.  The dict is
+    rebuilt, as a dict never shrinks when keys are deleted.  Autobahn sets an
+    attribute again when it changes it.
+    """
+    cls = type(conn)
+    defaults = _class_values.get(cls)
+    if defaults is None:
+        defaults = _class_values[cls] = _scalar_class_values(cls)
+    drop = _DROP_BETWEEN_FRAMES if conn.current_frame is None else _DROP
+    # Identity, not equality: Autobahn assigns the same None, True, False, small
+    # ints and empty bytes objects the class holds (CPython caches them).
+    kept = {
+        name: value
+        for name, value in vars(conn).items()
+        if name not in drop and defaults.get(name, drop) is not value
+    }
+    queue = kept.get("send_queue")
+    if type(queue) is deque and not queue:
+        kept["send_queue"] = SendQueue()
+    conn.__dict__ = kept
+
+
+_DROP = frozenset(HANDSHAKE_ONLY)
+_DROP_BETWEEN_FRAMES = frozenset(HANDSHAKE_ONLY + FRAME_STATE)
+_class_values: dict[type, dict[str, object]] = {}
+
+
+def _scalar_class_values(cls: type) -> dict[str, object]:
+    """The class's scalar attributes (its own, its bases', the connection defaults)."""
+    names = set(connection_defaults())
+    for klass in cls.__mro__:
+        names.update(name for name, value in vars(klass).items() if type(value) in _SCALARS)
+    values = {name: getattr(cls, name, _class_values) for name in names}
+    return {name: value for name, value in values.items() if type(value) in _SCALARS}
 
 
 # -- Autobahn: connection state (_perMessageCompress, send_queue, sendCloseFrame, wasClean,
@@ -134,6 +232,20 @@ def send_prepared(conn: Any, prepared: Any, direct: bool) -> None:
         write_now(conn.transport, prepared.payloadHybi)
     else:
         conn.sendPreparedMessage(prepared)
+
+
+def send_response_now(conn: Any, data: bytes) -> bool:
+    """Send the opening handshake's response (101, or an HTTP error) at once; False if queued.
+
+    Autobahn writes it through Twisted's queued write: an ``epoll_ctl`` pair and
+    a reactor turn per connection before the ``send()``.  Its traffic counter
+    is kept as Autobahn keeps it.
+    """
+    if conn.send_queue:
+        return False
+    write_now(conn.transport, data)
+    conn.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
+    return True
 
 
 def close_with(conn: Any, code: int, reason: bytes) -> None:
@@ -242,8 +354,11 @@ def problems() -> list[str]:
         if not any(hasattr(m, name) for m in modules):
             found.append(f"autobahn.websocket.protocol.{name} (compat.quiet_autobahn_debug)")
     found += _handshake_problems()
+    found += _compact_problems()
     if not isinstance(getattr(WebSocketServerProtocol, "CONFIG_ATTRS", None), list):
         found.append("WebSocketServerProtocol.CONFIG_ATTRS (compat.protocol_with_options)")
+    if not hasattr(_opened_probe().trafficStats, "preopenOutgoingOctetsWireLevel"):
+        found.append("TrafficStats.preopenOutgoingOctetsWireLevel (compat.send_response_now)")
     for name in (
         "sendCloseFrame",
         "dropConnection",
@@ -291,6 +406,46 @@ def _tcp_server() -> tuple[tcp.Server, Any]:
 
     mine, theirs = socket.socketpair()
     return tcp.Server(mine, Protocol(), ("127.0.0.1", 0), Port(), 0, reactor), theirs
+
+
+def _opened_probe() -> Any:
+    """A server connection through Autobahn's opening handshake, on a test transport."""
+    from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+    from twisted.internet.testing import StringTransport
+
+    proto = WebSocketServerProtocol()
+    proto.factory = WebSocketServerFactory()
+    proto.factory.setProtocolOptions(openHandshakeTimeout=0, autoPingInterval=0)
+    proto.makeConnection(StringTransport())
+    proto.dataReceived(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    # A masked text frame "a", then a masked ping: the parser's state between frames.
+    proto.dataReceived(b"\x81\x81\x01\x02\x03\x04\x60\x89\x80\x01\x02\x03\x04")
+    return proto
+
+
+def _compact_problems() -> list[str]:
+    """What :func:`compact` relies on: the handshake-only names, a deque send queue."""
+    from autobahn.websocket import protocol
+
+    proto = _opened_probe()
+    found = []
+    if proto.state != proto.STATE_OPEN:
+        found.append("Autobahn did not open the probe connection (compat.compact)")
+    missing = [name for name in HANDSHAKE_ONLY if name not in vars(proto)]
+    if missing:
+        found.append(f"WebSocketServerProtocol.{missing} after the handshake (compat.compact)")
+    if proto.current_frame is not None or any(name not in vars(proto) for name in FRAME_STATE):
+        found.append(f"WebSocketProtocol.{FRAME_STATE} between frames (compat.compact)")
+    if type(vars(proto).get("send_queue")) is not deque:
+        found.append("WebSocketProtocol.send_queue is no longer a deque (compat.SendQueue)")
+    source = inspect.getsource(protocol.WebSocketProtocol)
+    uses = set(re.findall(r"self\.send_queue\.(\w+)", source))
+    if not uses <= {"append", "popleft"}:
+        found.append(f"send_queue used with {sorted(uses)} (compat.SendQueue)")
+    return found
 
 
 def _instance_attrs() -> set[str]:

@@ -29,6 +29,7 @@ from pushsvc.broker.shard import parse_redis_url
 from pushsvc.browser import FactoryService
 from pushsvc.compat import quiet_autobahn_debug
 from pushsvc.drain import Drain
+from pushsvc.gcpolicy import full_collections
 from pushsvc.heaptrim import trimmer
 from pushsvc.history.store import DEFAULT_SIZE, MAX_TTL, MemoryStore
 from pushsvc.http import make_metrics_site, make_site
@@ -326,6 +327,14 @@ class PushOptions(usage.Options):
             "Seconds between handing freed memory back to the OS (glibc malloc_trim; 0: never).",
             float,
         ],
+        [
+            "gc-interval",
+            None,
+            60.0,
+            "Seconds between full garbage collections (0: CPython's own schedule, which "
+            "makes each new connection cost more the more are held).",
+            float,
+        ],
         ["log-level", None, "info", "Log level for Autobahn's own messages (debug is per frame)."],
     ]
     optParameters = _with_named_coerce(optParameters)
@@ -463,6 +472,8 @@ def makeService(config: PushOptions) -> service.MultiService:
         Listener("metrics", "metrics-port", config["metrics-port"], LOCAL, own).setServiceParent(
             top
         )
+    if config["gc-interval"] > 0:  # last: it freezes what start-up built
+        full_collections(config["gc-interval"]).setServiceParent(top)
     log_policy(config)
     return top
 

@@ -64,6 +64,10 @@ REFUSED = {
     CLOSE_TOKEN_EXPIRED: "expired_token",
     CLOSE_BAD_REQUEST: "bad_hello",
 }
+# Autobahn sets its frame parser's state on the connection with each frame;
+# past this many attributes it is folded back (compat.compact) to keep an
+# idle connection's dict at its smaller size (a dict of 22-42 keys is 832 bytes).
+COMPACT_ABOVE = 21
 FAILED = {1002: "protocol_violation", 1007: "invalid_payload", 1009: "message_too_big"}
 RATE_NOTE = (
     "({suppressed} more of this kind since the last such line; the next 60 s are only "
@@ -144,6 +148,8 @@ class PushServerProtocol(WebSocketServerProtocol):
         reader = self._head
         if reader is None:
             super().dataReceived(data)
+            if len(vars(self)) > COMPACT_ABOVE and self.state == self.STATE_OPEN:
+                compat.compact(self)  # after the handshake and frames: keep what an idle one uses
             return
         try:
             head = reader.feed(data)
@@ -286,10 +292,16 @@ class PushServerProtocol(WebSocketServerProtocol):
     # -- limits (pushsvc/policy.py; docs/security.md) ----------------------------
 
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
-        """Autobahn's write path, counted by the send-queue guard while the peer lags."""
+        """Autobahn's write path, counted by the send-queue guard while the peer lags.
+
+        The handshake's response leaves at once, without Twisted's queued write.
+        """
         guard = self._guard
         if guard is not None and guard.state and not guard.admit(len(data)):
             return  # closing as a slow consumer: dropped
+        if self.state == self.STATE_CONNECTING and not (sync or chopsize):
+            if compat.send_response_now(self, data):
+                return
         super().sendData(data, sync, chopsize)
 
     def onFrameBegin(self) -> None:

@@ -96,3 +96,89 @@ def test_the_check_leaves_nothing_in_the_reactor() -> None:
     assert not calls and not selectables, (
         f"problems() left delayed calls {calls} and registered sockets {selectables}"
     )
+
+
+def test_a_send_queue_of_another_kind_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autobahn.websocket import protocol
+
+    monkeypatch.setattr(protocol, "deque", list)  # what _connectionMade builds it from
+    found = compat.problems()
+    assert [line for line in found if "send_queue" in line], found
+
+
+def test_an_idle_connection_keeps_a_small_dict_and_still_works() -> None:
+    """After the handshake, the uid frame and a ping: a small dict, then a push and a close."""
+    import sys
+
+    from autobahn.websocket.protocol import PreparedMessage
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from pushsvc.auth import UidAuthenticator
+    from pushsvc.broker.memory import MemoryBroker
+    from pushsvc.history.store import MemoryStore
+    from pushsvc.node import Node
+    from pushsvc.websocket import COMPACT_ABOVE, PushServerFactory
+
+    def masked(opcode: int, payload: bytes) -> bytes:
+        key = b"\x01\x02\x03\x04"
+        body = bytes(c ^ key[i % 4] for i, c in enumerate(payload))
+        return bytes([0x80 | opcode, 0x80 | len(payload)]) + key + body
+
+    node = Node(MemoryBroker(), MemoryStore())
+    factory = PushServerFactory(node, UidAuthenticator(), ping_interval=0)
+    factory.reactor = Clock()
+    conn = factory.buildProtocol(None)
+    transport = StringTransport()
+    conn.makeConnection(transport)
+    conn.dataReceived(
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert transport.value().startswith(b"HTTP/1.1 101")
+    conn.dataReceived(masked(0x1, b"alice") + masked(0x9, b"p"))
+    assert conn.uid == "alice" and transport.value().endswith(b"\x8a\x01p")  # the pong
+    assert not set(compat.HANDSHAKE_ONLY) & set(vars(conn))  # released once open
+    assert len(vars(conn)) <= COMPACT_ABOVE, sorted(vars(conn))
+    assert sys.getsizeof(vars(conn)) <= 500  # Autobahn's own: 1,584 bytes (74 attributes)
+    assert type(conn.send_queue) is compat.SendQueue
+    conn.sendPreparedMessage(PreparedMessage(b"hi", False, False, False))  # Autobahn's path
+    assert transport.value().endswith(b"\x81\x02hi")
+    assert node.push(["alice"], b"yo") == 1
+    assert transport.value().endswith(b"\x81\x02yo")
+    conn.dataReceived(masked(0x8, b"\x03\xe8"))  # close 1000: answered, then dropped
+    assert transport.value().endswith(b"\x88\x02\x03\xe8")
+    assert conn.state == conn.STATE_CLOSED or transport.disconnecting
+
+
+def test_the_101_response_leaves_before_the_next_reactor_turn() -> None:
+    """On a real TCP transport the 101 is in the peer's socket without Twisted's queued write."""
+    from twisted.internet.task import Clock
+
+    from pushsvc.auth import UidAuthenticator
+    from pushsvc.broker.memory import MemoryBroker
+    from pushsvc.history.store import MemoryStore
+    from pushsvc.node import Node
+    from pushsvc.websocket import PushServerFactory
+
+    node = Node(MemoryBroker(), MemoryStore())
+    factory = PushServerFactory(node, UidAuthenticator(), ping_interval=0)
+    factory.reactor = Clock()
+    server, peer = compat._tcp_server()
+    conn = factory.buildProtocol(None)
+    try:
+        conn.makeConnection(server)
+        conn.dataReceived(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert not server.dataBuffer and not server._tempDataLen  # nothing left for a later turn
+        peer.settimeout(0)
+        assert peer.recv(4096).startswith(b"HTTP/1.1 101")  # no reactor turn ran
+        assert conn.state == conn.STATE_OPEN
+    finally:
+        conn.transport.stopReading()
+        server.stopWriting()
+        server.socket.close()
+        peer.close()
+        factory.handshakes.discard(conn)
