@@ -442,11 +442,24 @@ def makeService(config: PushOptions) -> service.MultiService:
     Drain(node.hub, config["drain-window"], config["drain-timeout"]).setServiceParent(top)
     if config["trim-interval"] > 0:
         trimmer(config["trim-interval"]).setServiceParent(top)
-    ws_factory = make_ws_factory(config, node, settings)
+    listen(top, config, node, settings)
+    if config["gc-interval"] > 0:  # last: it freezes what start-up built
+        full_collections(config["gc-interval"]).setServiceParent(top)
+    log_policy(config)
+    return top
+
+
+def listen(
+    top: service.MultiService, config: PushOptions, node: Node, settings: Reloadable
+) -> None:
+    """Every port: the WebSocket, backend, HTTP and metrics listeners, each by its role."""
+
+    def add(role: str, option: str, interface: str | None, factory: Any, shared: bool) -> None:
+        Listener(role, option, config[option], interface, factory, shared).setServiceParent(top)
+
     shared = config["reuse-port"]
-    Listener("WebSocket", "ws-port", config["ws-port"], None, ws_factory, shared).setServiceParent(
-        top
-    )
+    ws_factory = make_ws_factory(config, node, settings)
+    add("WebSocket", "ws-port", None, ws_factory, shared)
     throttle = FailureThrottle(limit=config["auth-fail-limit"])
     backend = BackendFactory(
         node,
@@ -456,26 +469,15 @@ def makeService(config: PushOptions) -> service.MultiService:
         max_backends=config["max-backends"] or default_max_backends(),
         max_pending=config["max-backend-pending"],
     )
-    Listener("backend", "text-port", config["text-port"], LOCAL, backend, shared).setServiceParent(
-        top
-    )
+    add("backend", "text-port", LOCAL, backend, shared)
     if config["http-port"] != "off":
         # /ws on the HTTP port shares the --ws-port factory; no port starts it
         # for the resource, so a service does.
         FactoryService(ws_factory).setServiceParent(top)
         site = make_site(node, settings.api_key, config["max-body"], ws_factory, throttle)
-        Listener("HTTP", "http-port", config["http-port"], LOCAL, site, shared).setServiceParent(
-            top
-        )
+        add("HTTP", "http-port", LOCAL, site, shared)
     if config["metrics-port"] != "off":
-        own = make_metrics_site(node)
-        Listener("metrics", "metrics-port", config["metrics-port"], LOCAL, own).setServiceParent(
-            top
-        )
-    if config["gc-interval"] > 0:  # last: it freezes what start-up built
-        full_collections(config["gc-interval"]).setServiceParent(top)
-    log_policy(config)
-    return top
+        add("metrics", "metrics-port", LOCAL, make_metrics_site(node), False)
 
 
 def make_node(config: PushOptions) -> Node:
