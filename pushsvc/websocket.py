@@ -243,24 +243,24 @@ class PushServerProtocol(WebSocketServerProtocol):
 
     # -- the hub's Connection ----------------------------------------------------
 
-    def deliver(self, frame: Frame) -> None:
-        """A push for this connection: through the recovery gate if there is one."""
-        gate = self._gate
-        if gate is None:
-            self.send_frame(frame)
-        else:
-            gate.offer(frame)
-
-    def send_frame(self, frame: Frame) -> None:
+    def deliver(self, frame: Frame, gated: bool = True) -> None:
         """The push hot path: the envelope or its plain twin, written at once when possible.
 
-        While the send-queue guard counts (the peer lags), frames take
-        Autobahn's path, where the guard sees every byte.
+        Through the recovery gate while there is one (``gated``); while the
+        send-queue guard counts (the peer lags), frames take Autobahn's path,
+        where the guard sees every byte.
         """
+        if gated and self._gate is not None:
+            self._gate.offer(frame)
+            return
         if frame.plain is not None and not self.envelopes:
             frame = frame.plain
         guard = self._guard
         compat.send_prepared(self, frame.prepared, guard is None or not guard.state)
+
+    def send_frame(self, frame: Frame) -> None:
+        """Write a frame past the recovery gate (the gate's own way out)."""
+        self.deliver(frame, False)
 
     def set_gate(self, gate: Replay | None) -> None:
         self._gate = gate
