@@ -3,7 +3,12 @@
 Or, for ``connect``, ROUNDS times 100 browser connections set up and held
 (accept, handshake, 101, uid frame, a ping answered), on test transports.
 
-Usage: python bench/instructions_workload.py ROUNDS offline|online|connect
+Or, for ``spread``, the push lines go to 1,000 browsers in turn, each line to
+the next one (as the benchmark's unicast scenario does): what a per-connection
+cost that one browser hides (a lookup cache that misses from one connection
+to the next) shows here.
+
+Usage: python bench/instructions_workload.py ROUNDS offline|online|spread|connect
 """
 
 from __future__ import annotations
@@ -49,12 +54,13 @@ def browser(shared: object, uid: bytes) -> StringTransport:
     return transport
 
 
-def connect(rounds: int) -> None:
-    """ROUNDS x 100 connection set-ups, all held to the end (as a server holds them).
+def configure() -> None:
+    """Set up as ``makeService`` does in that checkout.
 
-    Set up as ``makeService`` does in that checkout: Autobahn's debug
-    formatting off and, where the checkout has one, its garbage collector
-    policy started (its timer never fires here).
+    Autobahn's debug formatting off and, where the checkout has one, its
+    garbage collector policy started (its timer never fires here), so that a
+    full collection over what the workload holds does not land in one run's
+    window and not in another's.
     """
     import txaio
 
@@ -70,6 +76,10 @@ def connect(rounds: int) -> None:
         policy = FullCollections(60)
         policy.clock = Clock()
         policy.startService()
+
+
+def connect(rounds: int) -> None:
+    """ROUNDS x 100 connection set-ups, all held to the end (as a server holds them)."""
     shared = owner()
     factory = PushServerFactory(shared, UidAuthenticator(), ping_interval=0)
     factory.reactor = Clock()
@@ -87,14 +97,31 @@ def connect(rounds: int) -> None:
         held.append((proto, transport))
 
 
+def spread(shared: object, backend: BackendProtocol, rounds: int) -> None:
+    """ROUNDS reads of 100 push lines, each line to the next of 1,000 browsers."""
+    browsers = [browser(shared, b"b%d" % i) for i in range(1000)]
+    lines = [b'{"uid":"b%d","percent":"88%%"}\n' % i for i in range(1000)]
+    for r in range(rounds):
+        first = r * 100 % 1000
+        backend.dataReceived(b"".join(lines[first : first + 100]))
+        assert backend.transport.value() == b"ok\n" * 100, backend.transport.value()[:80]
+        backend.transport.clear()
+    for seen in browsers[: min(rounds * 100, 1000)]:
+        assert seen.value().endswith(b"\x81\x0388%"), seen.value()[-20:]
+
+
 def main() -> None:
     rounds, kind = int(sys.argv[1]), sys.argv[2]
+    configure()
     if kind == "connect":
         connect(rounds)
         return
     shared = owner()
     backend = BackendProtocol(shared, 1 << 20)
     backend.makeConnection(StringTransport())
+    if kind == "spread":
+        spread(shared, backend, rounds)
+        return
     uid = b"online" if kind == "online" else b"nobody"
     seen = browser(shared, uid) if kind == "online" else None
     data = (b'{"uid":"' + uid + b'","percent":"88%"}\n') * 100

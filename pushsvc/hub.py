@@ -19,22 +19,28 @@ from twisted.internet import defer
 NOBODY: frozenset[str] = frozenset()
 
 
-class Frame:
+_prepare = PreparedMessage.__init__
+
+
+class Frame(PreparedMessage):
     """A text frame framed once per push and shared by every connection it reaches.
 
-    A stored push (one with a history position) also carries its ``plain``
-    twin, the bare payload, for connections that did not ask for envelopes;
-    ``channel`` and ``offset`` let a recovering connection drop what its
-    replay already covered without parsing the frame.
+    Autobahn's PreparedMessage itself (``payload`` the text, ``payloadHybi``
+    the frame), so a push allocates one object.  A stored push (one with a
+    history position) also carries its ``plain`` twin, the bare payload, for
+    connections that did not ask for envelopes; ``channel`` and ``offset``
+    let a recovering connection drop what its replay already covered without
+    parsing the frame.
     """
 
-    __slots__ = ("data", "prepared", "channel", "offset", "plain")
+    channel: str | None = None
+    offset = 0
+    plain: Frame | None = None
 
     def __init__(
         self, data: bytes, channel: str | None = None, offset: int = 0, plain: Frame | None = None
     ) -> None:
-        self.data = data
-        self.prepared = PreparedMessage(data, False, False, False)
+        _prepare(self, data, False, False, False)
         self.channel = channel
         self.offset = offset
         self.plain = plain
@@ -87,6 +93,8 @@ class Hub:
         self._group_conns: dict[str, set[Connection]] = {}
         self._conn_groups: dict[Connection, tuple[str, ...]] = {}
         self._emptied: list[defer.Deferred[None]] = []
+        self.frames_sent = 0  # frames written to connections, and their payload bytes
+        self.bytes_sent = 0
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -169,6 +177,9 @@ class Hub:
                 for conn in conns:
                     conn.deliver(frame)
                 reached += len(conns)
+        if reached:
+            self.frames_sent += reached
+            self.bytes_sent += reached * len(frame.payload)  # type: ignore[union-attr]
         return reached
 
     def push_groups(
@@ -198,7 +209,15 @@ class Hub:
     def _deliver_all(self, conns: Collection[Connection], frame: Frame) -> int:
         for conn in conns:
             conn.deliver(frame)
-        return len(conns)
+        sent = len(conns)
+        self.frames_sent += sent
+        self.bytes_sent += sent * len(frame.payload)
+        return sent
+
+    def count_sent(self, frames: int, size: int) -> None:
+        """Count frames written past the hub (a replay's): ``size`` bytes in all."""
+        self.frames_sent += frames
+        self.bytes_sent += size
 
     def disconnect(self, uids: Iterable[str], code: int, reason: str) -> int:
         """Close every connection of ``uids`` (logout, ban); how many."""

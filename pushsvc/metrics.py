@@ -33,8 +33,6 @@ class Metrics:
     def __init__(self) -> None:
         self.pushes = {"delivered": 0, "offline": 0, "error": 0}
         self.broadcasts = 0
-        self.frames_sent = 0
-        self.bytes_sent = 0
         self.auth_failures: Counter[str] = Counter()
         self.backend_connections = 0
         self.disconnects: Counter[str] = Counter()
@@ -106,12 +104,14 @@ class MetricsCollector:
         yield pushes
         yield CounterMetricFamily("pushsvc_broadcasts", "Broadcast requests.", value=m.broadcasts)
         yield CounterMetricFamily(
-            "pushsvc_frames_sent", "Frames written to WebSocket connections.", value=m.frames_sent
+            "pushsvc_frames_sent",
+            "Frames written to WebSocket connections.",
+            value=self.hub.frames_sent,
         )
         yield CounterMetricFamily(
             "pushsvc_bytes_sent",
             "Payload bytes written to WebSocket connections.",
-            value=m.bytes_sent,
+            value=self.hub.bytes_sent,
         )
         yield _labeled(
             "pushsvc_auth_failures",

@@ -41,6 +41,16 @@ def _ignored(failure: Any) -> None:
     """An error nobody waits for: the backend was answered from local deliveries."""
 
 
+def _answer(reached: int, remote: int | Deferred[int]) -> int | Any:
+    """Local deliveries plus the broker's count; ``ok`` at once when there were local ones."""
+    if type(remote) is int:
+        return reached + remote
+    if reached:  # answered ok now; Redis trouble is logged by the broker
+        remote.addErrback(_ignored)
+        return reached
+    return remote
+
+
 class Node(Service):
     """This process in the cluster (of one, with the memory broker)."""
 
@@ -100,7 +110,9 @@ class Node(Service):
         ready = self.broker.subscribed(uid)
         if ready is not None:
             ready.addErrback(lambda _: None)  # not subscribed in time: the reads will say so
-        done = then(then(ready, read), lambda recoveries: self._sent(*replay.release(recoveries)))
+        done = then(
+            then(ready, read), lambda recoveries: self.hub.count_sent(*replay.release(recoveries))
+        )
         if isinstance(done, Deferred):
             done.addErrback(lambda f: log.failure("recovery failed", f))
 
@@ -121,29 +133,24 @@ class Node(Service):
 
     # -- delivery (the command model) ------------------------------------------
 
-    def push(
-        self,
-        uids: list[str],
-        payload: bytes,
-        frame: Frame | None = None,
-        position: tuple[str, int, str] | None = None,
-    ) -> int | Any:
+    def push(self, uids: list[str], payload: bytes) -> int | Any:
         """Send to every connection of each uid, anywhere; how many were reached.
 
         Answered from local deliveries at once when there are any; otherwise
-        the broker's count says whether another node holds the uid.  A stored
-        push gives its ``frame`` (envelope and plain twin) and ``position``.
+        the broker's count says whether another node holds the uid.
         """
-        reached = self.hub.push(uids, payload if frame is None else frame)
-        if reached:
-            self._sent(reached, len(payload if frame is None else frame.data))
-        remote = self.broker.publish(uids, payload, position)
+        reached = self.hub.push(uids, payload)
+        remote = self.broker.publish(uids, payload, None)
         if type(remote) is int:
             return reached + remote
-        if reached:  # answered ok now; Redis trouble is logged by the broker
-            remote.addErrback(_ignored)
-            return reached
-        return remote
+        return _answer(reached, remote)
+
+    def _push_frame(
+        self, uids: list[str], payload: bytes, frame: Frame, position: tuple[str, int, str]
+    ) -> int | Any:
+        """A stored push: its envelope ``frame`` here, its ``position`` to the other nodes."""
+        reached = self.hub.push(uids, frame)
+        return _answer(reached, self.broker.publish(uids, payload, position))
 
     def push_groups(
         self, groups: list[str], payload: bytes, exclude: Collection[str] = NOBODY
@@ -153,7 +160,7 @@ class Node(Service):
 
     def broadcast(self, payload: bytes, exclude: Collection[str] = NOBODY) -> int | Any:
         """Send to every authenticated connection but those of ``exclude``."""
-        local = self._sent(self.hub.broadcast(Frame(payload), exclude), len(payload))
+        local = self.hub.broadcast(Frame(payload), exclude)
         fields = {"data": payload.decode("utf-8"), "exclude": sorted(exclude)}
         return _plus(local, self.broker.fan_out("broadcast", fields))
 
@@ -172,7 +179,7 @@ class Node(Service):
         exclude: Collection[str],
         position: tuple[str, int, str] | None = None,
     ) -> int | Any:
-        local = self._sent(self.hub.push_groups(groups, frame, exclude), len(frame.data))
+        local = self.hub.push_groups(groups, frame, exclude)
         fields: dict[str, Any] = {
             "groups": groups,
             "exclude": sorted(exclude),
@@ -181,13 +188,6 @@ class Node(Service):
         if position is not None:
             fields["pos"] = list(position)
         return _plus(local, self.broker.fan_out("group", fields))
-
-    def _sent(self, frames: int, size: int) -> int:
-        if frames:
-            metrics = self.metrics
-            metrics.frames_sent += frames
-            metrics.bytes_sent += frames * size
-        return frames
 
     # -- stored pushes (a ttl) -----------------------------------------------------
 
@@ -200,8 +200,8 @@ class Node(Service):
                     payload,
                     ttl,
                     (),
-                    lambda frame, pos, uid=uid: self.push([uid], payload, frame, pos),
-                    lambda frame, uid=uid: self._sent(self.hub.push([uid], frame), len(payload)),
+                    lambda frame, pos, uid=uid: self._push_frame([uid], payload, frame, pos),
+                    lambda frame, uid=uid: self.hub.push([uid], frame),
                 )
                 for uid in uids
             ]
@@ -222,9 +222,7 @@ class Node(Service):
                     lambda frame, pos, g=group: self._push_groups_frame(
                         [g], frame, payload, exclude, pos
                     ),
-                    lambda frame, g=group: self._sent(
-                        self.hub.push_groups([g], frame, exclude), len(payload)
-                    ),
+                    lambda frame, g=group: self.hub.push_groups([g], frame, exclude),
                 )
                 for group in groups
             ]
@@ -265,7 +263,7 @@ class Node(Service):
 
     def deliver_uid(self, uid: str, payload: bytes, position: tuple[str, int, str] | None) -> int:
         frame = Frame(payload) if position is None else stored_frame(*position, payload)
-        return self._sent(self.hub.push([uid], frame), len(frame.data))
+        return self.hub.push([uid], frame)
 
     def act(self, kind: str, fields: dict[str, Any]) -> int:
         exclude = frozenset(fields.get("exclude", ())) or NOBODY
@@ -275,14 +273,11 @@ class Node(Service):
             return closed
         payload = fields["data"].encode("utf-8")
         if kind == "broadcast":
-            frame = Frame(payload)
-            return self._sent(self.hub.broadcast(frame, exclude), len(payload))
+            return self.hub.broadcast(Frame(payload), exclude)
         if kind == "group":
             pos = fields.get("pos")
             frame = Frame(payload) if pos is None else stored_frame(*pos, payload)
-            return self._sent(
-                self.hub.push_groups(fields["groups"], frame, exclude), len(frame.data)
-            )
+            return self.hub.push_groups(fields["groups"], frame, exclude)
         return 0
 
     def membership(self, kind: str, uids: list[str], groups: list[str]) -> None:

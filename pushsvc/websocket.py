@@ -256,7 +256,7 @@ class PushServerProtocol(WebSocketServerProtocol):
         if frame.plain is not None and not self.envelopes:
             frame = frame.plain
         guard = self._guard
-        compat.send_prepared(self, frame.prepared, guard is None or not guard.state)
+        compat.send_prepared(self, frame, guard is None or not guard.state)
 
     def send_frame(self, frame: Frame) -> None:
         """Write a frame past the recovery gate (the gate's own way out)."""

@@ -46,7 +46,7 @@ class FakeConn:
 
     @property
     def texts(self) -> list[bytes]:
-        return [frame.data for frame in self.sent]
+        return [frame.payload for frame in self.sent]
 
     def messages(self) -> list[dict[str, Any]]:
         return [orjson.loads(text) for text in self.texts]
@@ -110,9 +110,9 @@ def test_release_sends_replay_then_status_then_held_frames_not_covered() -> None
         status("u:ann", True, 3, "ep"),
         envelope("g:room", 8, "gp", b"8"),
         status("g:room", True, 8, "gp"),
-        fresh.data,
+        fresh.payload,
         MSG,
-        other.data,
+        other.payload,
     ]
     assert conn.texts == expected
     assert (frames, size) == (3, sum(len(t) for t in expected[:2] + expected[3:4]))
@@ -133,13 +133,13 @@ def test_covered_frames_are_dropped_until_the_late_window_passes() -> None:
     conn.deliver(live("u:ann", 4))
     conn.deliver(live("u:ann", 6))
     conn.deliver(Frame(MSG))
-    assert conn.texts[before:] == [live("u:ann", 6).data, MSG]
+    assert conn.texts[before:] == [live("u:ann", 6).payload, MSG]
     clock.advance(29.9)
     assert conn.gate is replay
     clock.advance(0.1)
     assert conn.gates == [replay, None]
     conn.deliver(live("u:ann", 5))  # past the window it is the sender's business again
-    assert conn.texts[-1] == live("u:ann", 5).data
+    assert conn.texts[-1] == live("u:ann", 5).payload
 
 
 def test_a_recovery_without_an_offset_covers_nothing() -> None:
@@ -147,7 +147,7 @@ def test_a_recovery_without_an_offset_covers_nothing() -> None:
     replay = Replay(conn, "ann", 0, Clock())
     conn.deliver(live("u:ann", 1))
     replay.release([Recovery("u:ann", False, None, None)])  # history unreachable
-    assert conn.texts == [status("u:ann", False, None, None), live("u:ann", 1).data]
+    assert conn.texts == [status("u:ann", False, None, None), live("u:ann", 1).payload]
 
 
 def test_a_failed_recovery_sends_its_status_and_no_entries() -> None:
