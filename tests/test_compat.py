@@ -182,3 +182,57 @@ def test_the_101_response_leaves_before_the_next_reactor_turn() -> None:
         server.socket.close()
         peer.close()
         factory.handshakes.discard(conn)
+
+
+def test_compact_keeps_what_differs_from_the_class_by_identity() -> None:
+    """compact() drops class values and handshake state, keeps everything else as it was."""
+    from collections import deque
+
+    class Conn:
+        current_frame = None
+        state = 3
+        closed = False
+        send_queue = None
+
+    shared = object()
+    conn = Conn()
+    conn.__dict__.update(
+        state=3,  # the class's own object: dropped
+        closed=0,  # equal to the class's False, but not it: kept
+        peer=shared,
+        http_headers={"host": "x"},  # handshake-only: dropped
+        current_frame_masker=object(),  # between frames: dropped
+        send_queue=deque(),
+    )
+    compat.compact(conn)
+    assert sorted(vars(conn)) == ["closed", "peer", "send_queue"], vars(conn)
+    assert conn.closed == 0 and type(conn.closed) is int and conn.peer is shared
+    assert type(conn.send_queue) is compat.SendQueue and conn.state == 3
+
+    conn.current_frame = frame = object()  # inside a frame: the parser's objects stay
+    conn.current_frame_masker = masker = object()
+    conn.send_queue = deque([b"x"])  # not empty: stays a deque
+    compat.compact(conn)
+    assert conn.current_frame is frame and conn.current_frame_masker is masker
+    assert type(conn.send_queue) is deque
+
+
+def test_the_failure_log_follows_the_real_loggers_level() -> None:
+    """FailureLog reads the txaio logger's methods on each call: a level change applies."""
+    import txaio
+
+    real = txaio.make_logger()
+    log = compat.FailureLog(real)
+    try:
+        real.set_log_level("debug")
+        assert log.debug == real.debug and log.debug != txaio.tx._no_op
+        real.set_log_level("info")
+        assert log.debug == real.debug == txaio.tx._no_op and log.info == real.info
+    finally:
+        real.set_log_level("info", keep=False)
+    log.warn(compat.FAIL_FORMAT, code=1002, reason="x")  # dropped, no error
+    assert log.emit == real.emit  # anything else through __getattr__
+
+
+def test_quieted_debug_formatters_return_nothing_for_any_arguments() -> None:
+    assert compat._unformatted({"a": [1, 2]}, object(), key="{0}") == ""
