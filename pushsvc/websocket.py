@@ -122,7 +122,9 @@ class PushServerProtocol(WebSocketServerProtocol):
     _query_token: str | None = None
     _ip: str | None = None  # counted in the factory's per-IP table while set
     _counted: str | None = None  # counted in the factory's caps from accept while set
-    _head: compat.HandshakeReader | None = None  # while the opening handshake arrives
+    # While the opening handshake arrives: its byte limit until the first read,
+    # then a reader if that read did not hold the whole head.
+    _head: compat.HandshakeReader | int | None = None
     _bucket: TokenBucket | None = None
     _guard: SendQueueGuard | None = None
     _gate: Replay | None = None  # while recovering history
@@ -131,11 +133,11 @@ class PushServerProtocol(WebSocketServerProtocol):
     log = compat.FailureLog(WebSocketServerProtocol.log)
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        WebSocketServerProtocol.connectionMade(self)
         factory = self.factory
         self._counted, limit = factory.claim()
         if limit:
-            self._head = compat.HandshakeReader(limit)
+            self._head = limit
         factory.handshakes.add(self)
         if factory.max_queue:
             self._guard = SendQueueGuard(factory.max_queue, self._slow_consumer)
@@ -147,10 +149,16 @@ class PushServerProtocol(WebSocketServerProtocol):
         """Until the headers are complete: collected with a byte limit, parsed once."""
         reader = self._head
         if reader is None:
-            super().dataReceived(data)
+            WebSocketServerProtocol.dataReceived(self, data)
             if len(vars(self)) > COMPACT_ABOVE and self.state == self.STATE_OPEN:
                 compat.compact(self)  # after the handshake and frames: keep what an idle one uses
             return
+        if type(reader) is int:  # the first read: a browser's whole head, as a rule
+            if data.find(b"\r\n\r\n", 0, reader) >= 0:
+                self._head = None
+                WebSocketServerProtocol.dataReceived(self, data)  # onConnect ends its deadline
+                return
+            reader = self._head = compat.HandshakeReader(reader)
         try:
             head = reader.feed(data)
         except compat.HandshakeTooLarge:
@@ -159,8 +167,7 @@ class PushServerProtocol(WebSocketServerProtocol):
             return
         if head is not None:
             self._head = None
-            self.factory.handshakes.discard(self)
-            super().dataReceived(head)
+            WebSocketServerProtocol.dataReceived(self, head)  # onConnect ends its deadline
 
     def handshake_expired(self) -> None:
         """The opening handshake did not complete within --handshake-timeout of accept."""
@@ -302,7 +309,7 @@ class PushServerProtocol(WebSocketServerProtocol):
         if self.state == self.STATE_CONNECTING and not (sync or chopsize):
             if compat.send_response_now(self, data):
                 return
-        super().sendData(data, sync, chopsize)
+        WebSocketServerProtocol.sendData(self, data, sync, chopsize)
 
     def onFrameBegin(self) -> None:
         """Every client frame (data or control) spends a token of the connection's bucket."""
@@ -310,7 +317,7 @@ class PushServerProtocol(WebSocketServerProtocol):
         if bucket is not None and not bucket.take() and self.state == self.STATE_OPEN:
             self.factory.node.metrics.disconnects["rate_limit"] += 1
             compat.close_with(self, CLOSE_POLICY, b"rate limit exceeded")
-        super().onFrameBegin()
+        WebSocketServerProtocol.onFrameBegin(self)
 
     def _slow_consumer(self) -> None:
         """The peer stopped reading: stop routing pushes here, tell it why, then let it go.

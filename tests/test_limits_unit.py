@@ -194,3 +194,26 @@ def test_handshake_reader_work_is_linear_in_the_bytes_received() -> None:
     for _ in range(1 << 20):
         reader.feed(b"a")
     assert time.process_time() - start < 5
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["one read", "byte by byte"])
+def test_the_handshake_byte_limit_holds_for_a_head_in_one_read_or_many(split: bool) -> None:
+    """The first read takes a short cut when it holds the whole head; the limit still applies."""
+    factory = PushServerFactory(
+        Node(MemoryBroker(), MemoryStore()), UidAuthenticator(), ping_interval=0
+    )
+    factory.reactor = Clock()
+    small = request()
+    factory.max_handshake = len(small) + 1  # what buildProtocol gives each connection
+    for head, opened in ((small, True), (request(headers={"X-Pad": "a" * 9000}), False)):
+        conn = factory.buildProtocol(None)
+        transport = StringTransport()
+        conn.makeConnection(transport)
+        for chunk in [head[i : i + 1] for i in range(len(head))] if split else [head]:
+            conn.dataReceived(chunk)
+        status = transport.value().split(b"\r\n", 1)[0]
+        assert status.startswith(b"HTTP/1.1 101" if opened else b"HTTP/1.1 431"), status
+        if opened:
+            assert conn not in factory.handshakes._since  # its deadline ended at onConnect
+        else:
+            assert transport.disconnecting
