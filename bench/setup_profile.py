@@ -22,6 +22,13 @@ connection held), run in this process after ``--warm`` set-ups:
     python bench/setup_profile.py --valgrind           # and the stages (a few minutes)
     python bench/setup_profile.py --top 30             # more functions listed
     python bench/setup_profile.py --checkout ../pushsvc-before --valgrind   # another version
+    python bench/setup_profile.py --memory 5000        # memory per idle connection instead
+
+``--memory N`` sets up N connections the same way (their test transports
+emptied after the pong), holds them, and prints the Python memory per
+connection (``tracemalloc``, started after the first ``--warm``) and the
+growth of RSS per connection, the test transport's share listed apart (a
+server's TCP transport takes its place).  Nothing is timed.
 
 Needs valgrind for ``--valgrind`` (``apt-get install valgrind``).
 """
@@ -272,6 +279,60 @@ def per_function(count: int, warm: int, top: int) -> None:
         out(f"| {t / total_time:.1%} | {o} | {name} | {shown} |\n")
 
 
+def memory(count: int, warm: int) -> None:
+    """Python memory and RSS per idle connection, ``count`` set up and held."""
+    import gc
+    import tracemalloc
+
+    workload.configure()
+    factory = factory_for("pushsvc")
+    held: list = []
+    for i in range(warm):
+        set_up(factory, i, 3, held)
+    for _proto, transport in held:
+        transport.clear()
+    gc.collect()
+    rss_before = rss_kib()
+    tracemalloc.start()
+    start = tracemalloc.take_snapshot()
+    for i in range(warm, warm + count):
+        set_up(factory, i, 3, held)
+        held[-1][1].clear()  # the 101 and the pong, read by the peer
+    gc.collect()
+    grown = tracemalloc.take_snapshot().compare_to(start, "filename")
+    tracemalloc.stop()
+    gc.collect()
+    total = sum(d.size_diff for d in grown)
+    test_transport = sum(
+        d.size_diff
+        for d in grown
+        if owner_of(d.traceback[0].filename).startswith(("Twisted test", "workload"))
+    )
+    out = sys.stdout.write
+    out(f"{count} connections set up and held (after {warm}), per connection:\n")
+    out(f"  Python memory (tracemalloc): {total / count:,.0f} bytes")
+    out(f" ({test_transport / count:,.0f} of them the test transport and the list)\n")
+    for d in grown[:8]:
+        out(f"    {d.size_diff / count:8,.0f}  {d.traceback[0].filename}\n")
+    # RSS in a second run of the same size, without tracemalloc's own memory.
+    held2: list = []
+    gc.collect()
+    rss_before = rss_kib()
+    for i in range(warm + count, warm + 2 * count):
+        set_up(factory, i, 3, held2)
+        held2[-1][1].clear()
+    gc.collect()
+    out(f"  RSS growth (no tracemalloc): {(rss_kib() - rss_before) / count:.2f} KiB\n")
+
+
+def rss_kib() -> int:
+    """This process's resident set size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--connections", type=int, default=1000, help="set-ups measured")
@@ -279,6 +340,7 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25, help="functions listed")
     parser.add_argument("--valgrind", action="store_true", help="also count the stages")
     parser.add_argument("--seeds", type=int, default=3, help="hash seeds per valgrind count")
+    parser.add_argument("--memory", type=int, metavar="N", help="memory per connection instead")
     parser.add_argument("--checkout", type=Path, help="the pushsvc checkout (default: this tree)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "UPTO"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -288,6 +350,9 @@ def main() -> None:
         os.execve(sys.executable, [sys.executable, __file__, *argv], env)
     if args.child:
         run_stages(args.child[0], int(args.child[1]), args.connections, args.warm)
+        return
+    if args.memory:
+        memory(args.memory, args.warm)
         return
     per_function(args.connections, args.warm, args.top)
     if args.valgrind:
