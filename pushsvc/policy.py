@@ -205,12 +205,13 @@ class ConnectionCaps:
 
     def acquire(self, ip: str) -> str | None:
         """Count a socket from ``ip``; the reason it is refused instead (then not counted)."""
-        reason = self.refusal(ip)
-        if reason is None:
-            self.count += 1
-            if self.per_ip is not None:
-                self.per_ip.acquire(ip)
-        return reason
+        if self.total and self.count >= self.total:
+            return self.TOO_MANY
+        per_ip = self.per_ip
+        if per_ip is not None and not per_ip.acquire(ip):  # counted there unless refused
+            return self.TOO_MANY_FROM_IP
+        self.count += 1
+        return None
 
     def release(self, ip: str) -> None:
         """A socket counted by :meth:`acquire` is gone (or handed on)."""
