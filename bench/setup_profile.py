@@ -11,7 +11,8 @@ connection held), run in this process after ``--warm`` set-ups:
   divided by N; here a run that stops after step k minus one that stops after
   step k - 1), for pushsvc's protocol and for Autobahn's own
   ``WebSocketServerProtocol`` with the same options (what the library costs
-  without pushsvc: the floor pushsvc cannot go below without changing it).
+  without pushsvc: the floor pushsvc cannot go below without changing it);
+  then ``compat.compact()`` alone (held connections compacted, or not).
 - **Per function** (always): Python calls and bytecodes per set-up by the
   owner of the code that ran them (deterministic), and cProfile's self time
   by owner, a C built-in's time charged to the owner of its caller.  cProfile
@@ -139,12 +140,29 @@ def set_up(factory: Any, i: int, upto: int, held: list) -> None:
 
 
 def run_stages(kind: str, upto: int, count: int, warm: int) -> None:
-    """The valgrind child: ``warm`` full set-ups, then ``count`` set-ups through ``upto`` stages."""
+    """The valgrind child: ``warm`` full set-ups, then ``count`` set-ups through ``upto`` stages.
+
+    Kind ``compact``: every set-up without ``compat.compact``, then (``upto``
+    1) that many calls of it, one per held connection, or (0) none.
+    """
     workload.configure()
+    from pushsvc import compat
+
+    compact = compat.compact
+    if kind == "compact":
+        compat.compact = lambda *args: None
     factory = factory_for(kind)
     held: list = []
     for i in range(warm):
         set_up(factory, i, 3, held)
+    if kind == "compact":
+        compact(held[0][0])  # the class's values read once, in both runs
+        for i in range(warm, warm + count):
+            set_up(factory, i, 3, held)
+        if upto:
+            for proto, _transport in held[warm:]:
+                compact(proto)
+        return
     for i in range(warm, warm + count):
         set_up(factory, i, upto, held)
 
@@ -184,6 +202,12 @@ def stages(count: int, warm: int, seeds: int) -> None:
         out(f"| {name} | {ours:,.0f} | {bare:,.0f} | {ours - bare:+,.0f} |\n")
     ours, bare = sum(rows["pushsvc"]), sum(rows["bare"])
     out(f"| **total** | **{ours:,.0f}** | **{bare:,.0f}** | **{ours - bare:+,.0f}** |\n")
+    calls = sorted(
+        (valgrind("compact", 1, count, warm, seed) - valgrind("compact", 0, count, warm, seed))
+        / count
+        for seed in range(seeds)
+    )
+    out(f"\ncompat.compact() alone: {calls[len(calls) // 2]:,.0f} instructions per call\n")
 
 
 class OpcodeCounter:
