@@ -236,3 +236,65 @@ def test_the_failure_log_follows_the_real_loggers_level() -> None:
 
 def test_quieted_debug_formatters_return_nothing_for_any_arguments() -> None:
     assert compat._unformatted({"a": [1, 2]}, object(), key="{0}") == ""
+
+
+def test_compact_by_layout_gives_what_the_loop_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second connection of a class is rebuilt from the first's layout, to the same result.
+
+    A value the layout would drop that is no longer the class's is kept (the loop
+    decides then), and every attribute reads as before compacting.
+    """
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from pushsvc import websocket
+    from pushsvc.auth import UidAuthenticator
+    from pushsvc.broker.memory import MemoryBroker
+    from pushsvc.history.store import MemoryStore
+    from pushsvc.node import Node
+
+    limit = websocket.COMPACT_ABOVE
+    monkeypatch.setattr(websocket, "COMPACT_ABOVE", 1 << 30)  # compacted by hand below
+    factory = websocket.PushServerFactory(
+        Node(MemoryBroker(), MemoryStore()), UidAuthenticator(), ping_interval=0
+    )
+    factory.reactor = Clock()
+
+    def opened(uid: bytes) -> websocket.PushServerProtocol:
+        conn = factory.buildProtocol(None)
+        conn.makeConnection(StringTransport())
+        key = b"\x01\x02\x03\x04"
+        body = bytes(c ^ key[i % 4] for i, c in enumerate(uid))
+        conn.dataReceived(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            + bytes([0x81, 0x80 | len(uid)])
+            + key
+            + body
+        )
+        assert conn.uid == uid.decode() and conn.current_frame is None
+        return conn
+
+    def compacted(conn: websocket.PushServerProtocol) -> dict:
+        reads = {
+            name: getattr(conn, name)
+            for name in vars(conn)
+            if name not in compat.HANDSHAKE_ONLY + compat.FRAME_STATE and name != "send_queue"
+        }
+        compat.compact(conn)
+        assert all(getattr(conn, name) is value for name, value in reads.items())
+        return vars(conn)
+
+    first = compacted(opened(b"a"))  # the loop; the layout learned
+    layout = compat._layouts[factory.protocol]
+    assert layout is not None and len(first) <= limit
+    used = []
+    kept = layout.kept
+    layout.kept = lambda values: used.append(1) or kept(values)
+    second = compacted(opened(b"b"))  # by the layout
+    assert used == [1]
+    assert list(second) == list(first) and second["uid"] == "b"
+    odd = opened(b"c")
+    odd.wasClean = True  # the class's False: the layout would drop it
+    third = compacted(odd)
+    assert third["wasClean"] is True and set(third) - set(first) == {"wasClean"}
