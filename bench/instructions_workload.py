@@ -27,6 +27,7 @@ HANDSHAKE = (
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
 MASK = b"\x01\x02\x03\x04"
+PING = bytes([0x89, 0x81]) + MASK + bytes([ord("p") ^ MASK[0]])
 
 
 def owner() -> object:
@@ -43,7 +44,12 @@ def owner() -> object:
 
 
 def browser(shared: object, uid: bytes) -> StringTransport:
-    """One browser through the real WebSocket protocol, identified as ``uid``."""
+    """One browser through the real WebSocket protocol, identified as ``uid``.
+
+    Its ping after the uid frame arrives in a read of its own, as it would
+    from a real browser: the connection is then as an idle one is held
+    (compacted, where the checkout does that).
+    """
     factory = PushServerFactory(shared, UidAuthenticator(), ping_interval=0)
     factory.reactor = Clock()
     proto = factory.buildProtocol(None)
@@ -51,6 +57,9 @@ def browser(shared: object, uid: bytes) -> StringTransport:
     proto.makeConnection(transport)
     masked = bytes(c ^ MASK[i % 4] for i, c in enumerate(uid))
     proto.dataReceived(HANDSHAKE + bytes([0x81, 0x80 | len(uid)]) + MASK + masked)
+    proto.dataReceived(PING)
+    assert transport.value().endswith(b"\x8a\x01p"), transport.value()[-20:]
+    transport.clear()
     return transport
 
 
@@ -84,7 +93,6 @@ def connect(rounds: int) -> None:
     factory = PushServerFactory(shared, UidAuthenticator(), ping_interval=0)
     factory.reactor = Clock()
     held = []
-    ping = bytes([0x89, 0x81]) + MASK + bytes([ord("p") ^ MASK[0]])
     for i in range(rounds * 100):
         uid = b"u%d" % i
         proto = factory.buildProtocol(None)
@@ -92,7 +100,7 @@ def connect(rounds: int) -> None:
         proto.makeConnection(transport)
         proto.dataReceived(HANDSHAKE)
         masked = bytes(c ^ MASK[j % 4] for j, c in enumerate(uid))
-        proto.dataReceived(bytes([0x81, 0x80 | len(uid)]) + MASK + masked + ping)
+        proto.dataReceived(bytes([0x81, 0x80 | len(uid)]) + MASK + masked + PING)
         assert transport.value().endswith(b"\x8a\x01p"), transport.value()[-20:]
         held.append((proto, transport))
 

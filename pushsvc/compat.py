@@ -175,14 +175,18 @@ def connection_defaults() -> dict[str, object]:
     return _defaults
 
 
-def compact(conn: Any) -> None:
+def compact(conn: Any, hot: tuple[str, ...] = ()) -> None:
     """Shrink an open connection's state: drop what its class holds and what the handshake used.
 
     Attributes equal to the class's value (see :func:`protocol_with_options`),
     the handshake-only ones and, between frames, the parser's per-frame objects
     go; an empty deque send queue becomes a :class:`SendQueue`.  The dict is
     rebuilt, as a dict never shrinks when keys are deleted.  Autobahn sets an
-    attribute again when it changes it.
+    attribute again when it changes it.  What every push reads (what
+    :func:`send_prepared` reads, and the caller's ``hot`` attributes) stays in
+    the dict, first, whatever its value: CPython 3.11 reads an instance
+    attribute through a cached slot, but one that only its class holds
+    through a lookup along the class's long MRO.
     """
     cls = type(conn)
     defaults = _class_values.get(cls)
@@ -191,17 +195,17 @@ def compact(conn: Any) -> None:
     drop = _DROP_BETWEEN_FRAMES if conn.current_frame is None else _DROP
     # Identity, not equality: Autobahn assigns the same None, True, False, small
     # ints and empty bytes objects the class holds (CPython caches them).
-    kept = {
-        name: value
-        for name, value in vars(conn).items()
-        if name not in drop and defaults.get(name, drop) is not value
-    }
+    kept = {name: getattr(conn, name) for name in _SEND_PATH + hot}
+    for name, value in vars(conn).items():
+        if name not in drop and defaults.get(name, drop) is not value:
+            kept[name] = value
     queue = kept.get("send_queue")
     if type(queue) is deque and not queue:
         kept["send_queue"] = SendQueue()
     conn.__dict__ = kept
 
 
+_SEND_PATH = ("_perMessageCompress", "send_queue", "transport")
 _DROP = frozenset(HANDSHAKE_ONLY)
 _DROP_BETWEEN_FRAMES = frozenset(HANDSHAKE_ONLY + FRAME_STATE)
 _class_values: dict[type, dict[str, object]] = {}

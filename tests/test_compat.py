@@ -118,7 +118,7 @@ def test_an_idle_connection_keeps_a_small_dict_and_still_works() -> None:
     from pushsvc.broker.memory import MemoryBroker
     from pushsvc.history.store import MemoryStore
     from pushsvc.node import Node
-    from pushsvc.websocket import COMPACT_ABOVE, PushServerFactory
+    from pushsvc.websocket import COMPACT_ABOVE, HOT, PushServerFactory
 
     def masked(opcode: int, payload: bytes) -> bytes:
         key = b"\x01\x02\x03\x04"
@@ -142,6 +142,8 @@ def test_an_idle_connection_keeps_a_small_dict_and_still_works() -> None:
     assert len(vars(conn)) <= COMPACT_ABOVE, sorted(vars(conn))
     assert sys.getsizeof(vars(conn)) <= 500  # Autobahn's own: 1,584 bytes (74 attributes)
     assert type(conn.send_queue) is compat.SendQueue
+    # What a push reads is the connection's own, even where its class holds the same value.
+    assert set(compat._SEND_PATH + HOT) <= set(vars(conn)), sorted(vars(conn))
     conn.sendPreparedMessage(PreparedMessage(b"hi", False, False, False))  # Autobahn's path
     assert transport.value().endswith(b"\x81\x02hi")
     assert node.push(["alice"], b"yo") == 1
