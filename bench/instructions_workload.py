@@ -17,7 +17,8 @@ push crosses Redis.  Each read of 100 lines runs the reactor until all 100
 replies are ``ok`` and every frame reached its browser.  Redis is another
 process: valgrind counts the two nodes only.
 
-Usage: python bench/instructions_workload.py ROUNDS offline|online|spread|connect|cluster|cluster-spread
+Usage: python bench/instructions_workload.py ROUNDS KIND
+(KIND: offline, online, spread, connect, cluster or cluster-spread)
 """
 
 from __future__ import annotations
