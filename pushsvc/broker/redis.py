@@ -49,6 +49,7 @@ REPLY = PREFIX + "r:"
 # Redis counted a receiver, so a message that is merely slow to be read here
 # (an overloaded node) must still be delivered.
 STALE_AFTER = 30.0
+STALE_AFTER_MS = STALE_AFTER * 1000
 
 log = Logger()
 
@@ -292,10 +293,15 @@ class RedisBroker:
         assert handler is not None
         if channel.startswith(UID):
             origin, sent, offset, epoch, payload = message.split(b"\x00", 4)
-            if origin != self._node_bytes and not self._stale(int(sent)):
-                uid = channel[len(UID) :]
-                position = ("u:" + uid, int(offset), epoch.decode()) if offset else None
-                handler.deliver_uid(uid, payload, position)
+            if origin == self._node_bytes:
+                return
+            sent_ms = int(sent)
+            # _stale (a call) only for what looks stale: it decides, counts and logs.
+            if time.time() * 1000 - sent_ms > STALE_AFTER_MS and self._stale(sent_ms):
+                return
+            uid = channel[len(UID) :]
+            position = ("u:" + uid, int(offset), epoch.decode()) if offset else None
+            handler.deliver_uid(uid, payload, position)
             return
         data = orjson.loads(message)
         if channel == self.reply_channel:
