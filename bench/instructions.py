@@ -18,6 +18,14 @@ Each figure is the median over ``--seeds`` string-hash seeds (3 by default).
 ``--kind spread`` sends each line to the next of 1,000 browsers, as the
 benchmark's unicast scenario does.
 
+``--kind cluster`` and ``--kind cluster-spread`` are ``online`` and
+``spread`` through two nodes and a redis-server in one process (the browsers
+on node A, the backend on node B, every push through Redis): the count is
+both nodes' instructions per push; Redis is a separate process and not
+counted.  Compare them with ``online`` and ``spread`` (one node):
+
+    python bench/instructions.py --kind online --kind cluster --kind spread --kind cluster-spread
+
 Needs valgrind (``apt-get install valgrind``).
 """
 
@@ -63,7 +71,7 @@ def main() -> None:
     parser.add_argument(
         "--kind",
         action="append",
-        choices=("offline", "online", "spread", "connect"),
+        choices=("offline", "online", "spread", "connect", "cluster", "cluster-spread"),
         help="workloads",
     )
     parser.add_argument(

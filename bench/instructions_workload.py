@@ -8,15 +8,31 @@ the next one (as the benchmark's unicast scenario does): what a per-connection
 cost that one browser hides (a lookup cache that misses from one connection
 to the next) shows here.
 
-Usage: python bench/instructions_workload.py ROUNDS offline|online|spread|connect
+Or, for ``cluster`` and ``cluster-spread``, the ``online`` and ``spread``
+workloads through a cluster of two nodes in this one process: a
+redis-server started here on a free port, two Nodes built by
+``tap.make_node`` with ``--redis`` (each its own RedisBroker) on the real
+reactor, the browsers on node A and the BackendProtocol on node B, so every
+push crosses Redis.  Each read of 100 lines runs the reactor until all 100
+replies are ``ok`` and every frame reached its browser.  Redis is another
+process: valgrind counts the two nodes only.
+
+Usage: python bench/instructions_workload.py ROUNDS KIND
+(KIND: offline, online, spread, connect, cluster or cluster-spread)
 """
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
+from typing import Any
 
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 
 from pushsvc.auth import UidAuthenticator
 from pushsvc.backend import BackendProtocol
@@ -27,6 +43,7 @@ HANDSHAKE = (
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
 MASK = b"\x01\x02\x03\x04"
+PING = bytes([0x89, 0x81]) + MASK + bytes([ord("p") ^ MASK[0]])
 
 
 def owner() -> object:
@@ -43,7 +60,12 @@ def owner() -> object:
 
 
 def browser(shared: object, uid: bytes) -> StringTransport:
-    """One browser through the real WebSocket protocol, identified as ``uid``."""
+    """One browser through the real WebSocket protocol, identified as ``uid``.
+
+    Its ping after the uid frame arrives in a read of its own, as it would
+    from a real browser: the connection is then as an idle one is held
+    (compacted, where the checkout does that).
+    """
     factory = PushServerFactory(shared, UidAuthenticator(), ping_interval=0)
     factory.reactor = Clock()
     proto = factory.buildProtocol(None)
@@ -51,6 +73,9 @@ def browser(shared: object, uid: bytes) -> StringTransport:
     proto.makeConnection(transport)
     masked = bytes(c ^ MASK[i % 4] for i, c in enumerate(uid))
     proto.dataReceived(HANDSHAKE + bytes([0x81, 0x80 | len(uid)]) + MASK + masked)
+    proto.dataReceived(PING)
+    assert transport.value().endswith(b"\x8a\x01p"), transport.value()[-20:]
+    transport.clear()
     return transport
 
 
@@ -84,7 +109,6 @@ def connect(rounds: int) -> None:
     factory = PushServerFactory(shared, UidAuthenticator(), ping_interval=0)
     factory.reactor = Clock()
     held = []
-    ping = bytes([0x89, 0x81]) + MASK + bytes([ord("p") ^ MASK[0]])
     for i in range(rounds * 100):
         uid = b"u%d" % i
         proto = factory.buildProtocol(None)
@@ -92,7 +116,7 @@ def connect(rounds: int) -> None:
         proto.makeConnection(transport)
         proto.dataReceived(HANDSHAKE)
         masked = bytes(c ^ MASK[j % 4] for j, c in enumerate(uid))
-        proto.dataReceived(bytes([0x81, 0x80 | len(uid)]) + MASK + masked + ping)
+        proto.dataReceived(bytes([0x81, 0x80 | len(uid)]) + MASK + masked + PING)
         assert transport.value().endswith(b"\x8a\x01p"), transport.value()[-20:]
         held.append((proto, transport))
 
@@ -110,11 +134,147 @@ def spread(shared: object, backend: BackendProtocol, rounds: int) -> None:
         assert seen.value().endswith(b"\x81\x0388%"), seen.value()[-20:]
 
 
+class Watched(StringTransport):
+    """A test transport that tells ``on_write`` of every write (the cluster's progress)."""
+
+    def __init__(self, on_write: Any) -> None:
+        super().__init__()
+        self.on_write = on_write
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        self.on_write()
+
+
+def redis_server(workdir: str) -> tuple[subprocess.Popen, int]:
+    """A redis-server on a free port, ready when its log says so (no polling loop)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "/usr/bin/redis-server", "--port", str(port)]
+        + ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if b"Ready to accept connections" in line:
+            return proc, port
+    raise RuntimeError("redis-server did not start")
+
+
+def cluster(rounds: int, browsers: int) -> None:
+    """ROUNDS reads of 100 lines into node B for uids whose browsers are on node A.
+
+    Both nodes are built as ``twistd push --redis URL --redis-timeout 60
+    --cluster-heartbeat 60`` builds them: the long timer periods keep the
+    watchdog's and the heartbeat's wall-clock ticks (valgrind runs some 50
+    times slower than the CPU) out of the count.
+    """
+    from twisted.internet import defer, reactor
+
+    from pushsvc.tap import PushOptions, make_node
+
+    workdir = tempfile.mkdtemp(prefix="pushsvc-instructions-")
+    proc, port = redis_server(workdir)
+    options = ["--redis", f"redis://127.0.0.1:{port}", "--redis-timeout", "60"]
+    options += ["--cluster-heartbeat", "60"]
+    nodes = []
+    for _ in range(2):
+        config = PushOptions()
+        config.parseOptions(options)
+        nodes.append(make_node(config))
+    node_a, node_b = nodes
+    state: dict[str, Any] = {"frames": 0, "want_frames": 0, "done": None}
+    uids = [b"b%d" % i for i in range(browsers)]
+    lines = [b'{"uid":"%s","percent":"88%%"}\n' % uid for uid in uids]
+    replies = Watched(lambda: progress())
+
+    def progress() -> None:
+        done = state["done"]
+        if (
+            done is not None
+            and state["frames"] >= state["want_frames"]
+            and len(replies.value()) >= 300
+        ):
+            state["done"] = None
+            reactor.callLater(0, done.callback, None)  # outside the write that finished it
+
+    def framed() -> None:
+        state["frames"] += 1
+        progress()
+
+    def wait_until(condition: Any) -> defer.Deferred[None]:
+        """Set-up only: poll the reactor until ``condition()`` holds."""
+        d: defer.Deferred[None] = defer.Deferred()
+
+        def check() -> None:
+            if condition():
+                d.callback(None)
+            else:
+                reactor.callLater(0.01, check)
+
+        check()
+        return d
+
+    @defer.inlineCallbacks
+    def drive() -> Any:
+        for node in nodes:
+            node.startService()
+        yield wait_until(lambda: all(n.broker.home.up for n in nodes))
+        seen = []
+        for uid in uids:
+            transport = browser(node_a, uid)
+            transport.clear()
+            seen.append(transport)
+        for uid in uids:
+            yield node_a.broker.subscribed(uid.decode())
+        # Start counting frames only now: the handshakes wrote to the transports.
+        for transport in seen:
+            transport.__class__ = Watched
+            transport.on_write = framed
+        backend = BackendProtocol(node_b, 1 << 20)
+        backend.makeConnection(replies)
+        for r in range(rounds):
+            first = r * 100 % browsers
+            batch = b"".join((lines * (1 + 100 // browsers))[first : first + 100])
+            state["frames"], state["want_frames"] = 0, 100
+            state["done"] = d = defer.Deferred()
+            backend.dataReceived(batch)
+            progress()
+            yield d
+            assert replies.value() == b"ok\n" * 100, replies.value()[:80]
+            replies.clear()
+        for transport in seen[: min(rounds * 100, browsers)]:
+            assert transport.value().endswith(b"\x81\x0388%"), transport.value()[-20:]
+        yield defer.gatherResults([defer.maybeDeferred(n.stopService) for n in nodes])
+
+    failure: list[Any] = []
+
+    def finished(result: Any) -> None:
+        if isinstance(result, Failure):
+            failure.append(result)
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: drive().addBoth(finished))
+    try:
+        reactor.run()
+    finally:
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(workdir, ignore_errors=True)
+    if failure:
+        failure[0].raiseException()
+
+
 def main() -> None:
     rounds, kind = int(sys.argv[1]), sys.argv[2]
     configure()
     if kind == "connect":
         connect(rounds)
+        return
+    if kind in ("cluster", "cluster-spread"):
+        cluster(rounds, 1 if kind == "cluster" else 1000)
         return
     shared = owner()
     backend = BackendProtocol(shared, 1 << 20)

@@ -145,6 +145,7 @@ class BackendProtocol(LineReceiver):
         self._discarding = False  # inside an over-long line, until its newline
         self._waiting: deque[list[bytes | None]] | None = None
         self._held = False  # reading stopped: too many replies waiting for the cluster
+        self._flush_call: IDelayedCall | None = None  # replies that came in this turn, written once
 
     def connectionMade(self) -> None:
         self.node.metrics.backend_connections += 1
@@ -311,7 +312,17 @@ class BackendProtocol(LineReceiver):
         self._hold_if_behind()
 
     def _resolved(self, value: bytes, slot: list[bytes | None]) -> None:
+        """One reply is known: written at the end of this reactor turn with the others.
+
+        A Redis read answers many pushes at once (one PUBLISH reply each):
+        their replies leave in one write, not one write each.
+        """
         slot[0] = value
+        if self._waiting is not None and self._flush_call is None:
+            self._flush_call = reactor.callLater(0, self._flush_turn)
+
+    def _flush_turn(self) -> None:
+        self._flush_call = None
         if self._waiting is not None:
             self._flush()
 
@@ -351,7 +362,7 @@ class BackendProtocol(LineReceiver):
         while waiting and waiting[0][0] is not None:
             ready.append(waiting.popleft()[0])
         if ready and self.transport is not None:
-            self.transport.write(b"".join(ready))  # type: ignore[arg-type]
+            write_now(self.transport, b"".join(ready))  # type: ignore[arg-type]
         if not waiting:
             self._waiting = None
         self._release_if_caught_up()
@@ -359,6 +370,9 @@ class BackendProtocol(LineReceiver):
     def connectionLost(self, reason: object = None) -> None:
         self.node.metrics.backend_connections -= 1
         self._waiting = None
+        if self._flush_call is not None and self._flush_call.active():
+            self._flush_call.cancel()
+        self._flush_call = None
         self._stop_waiting()
         if self._counted and self.factory is not None:
             self._counted = False

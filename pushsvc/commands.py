@@ -124,11 +124,15 @@ def serve(node: Node, request: object, name: str | None, to: Answering[T]) -> T 
         return _refused(e, request, to)
     if type(result) is dict:
         return to.answered(cmd, result, request)
-    return settle(
-        result,
-        lambda r: to.answered(cmd, r, request),
-        lambda e: _refused(e, request, to),
-    )
+    return settle(result, _answered_later, _refused_later, cmd, request, to)
+
+
+def _answered_later(result: Result, cmd: Command, request: object, to: Answering[T]) -> T:
+    return to.answered(cmd, result, request)
+
+
+def _refused_later(error: BaseException, cmd: Command, request: object, to: Answering[T]) -> T:
+    return _refused(error, request, to)
 
 
 def _refused(error: BaseException, request: object, to: Answering[T]) -> T:

@@ -178,14 +178,18 @@ def connection_defaults() -> dict[str, object]:
     return _defaults
 
 
-def compact(conn: Any) -> None:
+def compact(conn: Any, hot: tuple[str, ...] = ()) -> None:
     """Shrink an open connection's state: drop what its class holds and what the handshake used.
 
     Attributes equal to the class's value (see :func:`protocol_with_options`),
     the handshake-only ones and, between frames, the parser's per-frame objects
     go; an empty deque send queue becomes a :class:`SendQueue`.  The dict is
     rebuilt, as a dict never shrinks when keys are deleted.  Autobahn sets an
-    attribute again when it changes it.
+    attribute again when it changes it.  What every push reads (what
+    :func:`send_prepared` reads, and the caller's ``hot`` attributes) stays in
+    the dict, first, whatever its value: CPython 3.11 reads an instance
+    attribute through a cached slot, but one that only its class holds
+    through a lookup along the class's long MRO.
 
     Connections of one class reach this point with the same ~75 keys in the
     same order, so the first one compacted between frames leaves a
@@ -195,13 +199,15 @@ def compact(conn: Any) -> None:
     """
     cls = type(conn)
     state = conn.__dict__
+    first = _SEND_PATH + hot
     between_frames = conn.current_frame is None
     if between_frames:
         layout = _layouts.get(cls)
-        if layout is not None and tuple(state) == layout.keys:
+        if layout is not None and layout.first == first and tuple(state) == layout.keys:
             values = tuple(state.values())
             if layout.dropped(values) == layout.defaults:
-                kept = dict(zip(layout.names, layout.kept(values), strict=True))
+                kept = {name: getattr(conn, name) for name in first}
+                kept.update(zip(layout.names, layout.kept(values), strict=True))
                 _finish(conn, kept)
                 return
     defaults = _class_values.get(cls)
@@ -210,13 +216,12 @@ def compact(conn: Any) -> None:
     drop = _DROP_BETWEEN_FRAMES if between_frames else _DROP
     # Identity, not equality: Autobahn assigns the same None, True, False, small
     # ints and empty bytes objects the class holds (CPython caches them).
-    kept = {
-        name: value
-        for name, value in state.items()
-        if name not in drop and defaults.get(name, _ABSENT) is not value
-    }
+    kept = {name: getattr(conn, name) for name in first}
+    for name, value in state.items():
+        if name not in drop and defaults.get(name, _ABSENT) is not value:
+            kept[name] = value
     if between_frames and cls not in _layouts:
-        _layouts[cls] = _Layout.learn(state, kept, defaults)
+        _layouts[cls] = _Layout.learn(state, kept, defaults, first)
     _finish(conn, kept)
 
 
@@ -230,23 +235,29 @@ def _finish(conn: Any, kept: dict[str, Any]) -> None:
 class _Layout:
     """The key order of one compacted connection, and which of its positions were dropped.
 
-    A later connection with the same keys in the same order drops the same
-    positions when their values equal (``==``, which tries ``is`` first) the
-    class's values held here, and keeps every other position, whatever its
-    value; otherwise :func:`compact` falls back to its loop.
+    A later connection with the same keys in the same order (and the same
+    attributes kept first) drops the same positions when their values equal
+    (``==``, which tries ``is`` first) the class's values held here, and keeps
+    every other position, whatever its value; otherwise :func:`compact` falls
+    back to its loop.
     """
 
-    __slots__ = ("defaults", "dropped", "keys", "kept", "names")
+    __slots__ = ("defaults", "dropped", "first", "keys", "kept", "names")
 
-    def __init__(self, keys: tuple, names: tuple, kept: list, dropped: list, defaults: tuple):
+    def __init__(
+        self, keys: tuple, names: tuple, kept: list, dropped: list, defaults: tuple, first: tuple
+    ) -> None:
         self.keys = keys
         self.names = names
         self.kept = itemgetter(*kept)
         self.dropped = itemgetter(*dropped)
         self.defaults = defaults
+        self.first = first
 
     @classmethod
-    def learn(cls, state: dict[str, Any], kept: dict[str, Any], defaults: dict) -> _Layout | None:
+    def learn(
+        cls, state: dict[str, Any], kept: dict[str, Any], defaults: dict, first: tuple
+    ) -> _Layout | None:
         """The layout of ``state`` compacted to ``kept``; None if too small to hold one."""
         keys = tuple(state)
         keep = [i for i, name in enumerate(keys) if name in kept]
@@ -260,11 +271,13 @@ class _Layout:
         if len(keep) < 2 or len(check) < 2:  # itemgetter of one index gives no tuple
             return None
         names = tuple(keys[i] for i in keep)
-        return cls(keys, names, keep, check, tuple(defaults[keys[i]] for i in check))
+        defaults_kept = tuple(defaults[keys[i]] for i in check)
+        return cls(keys, names, keep, check, defaults_kept, first)
 
 
 _layouts: dict[type, _Layout | None] = {}
 _ABSENT = object()  # no class value: never the connection's value
+_SEND_PATH = ("_perMessageCompress", "send_queue", "transport")
 _DROP = frozenset(HANDSHAKE_ONLY)
 _DROP_BETWEEN_FRAMES = frozenset(HANDSHAKE_ONLY + FRAME_STATE)
 _class_values: dict[type, dict[str, object]] = {}

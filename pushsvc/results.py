@@ -25,11 +25,18 @@ def then(value: Any, fn: Callable[..., Any], *args: Any) -> Any:
     return value.addCallback(fn, *args)
 
 
-def settle(value: Any, done: Callable[[Any], Any], failed: Callable[[BaseException], Any]) -> Any:
-    """``done(result)`` or ``failed(error)``, now or later: a transport's reply either way."""
+def settle(value: Any, done: Callable[..., Any], failed: Callable[..., Any], *args: Any) -> Any:
+    """``done(result, *args)`` or ``failed(error, *args)``, now or later: a reply either way.
+
+    ``args`` spare a caller a closure per request on the way to a later answer.
+    """
     if type(value) in _PLAIN or not isinstance(value, defer.Deferred):
-        return done(value)
-    return value.addCallbacks(done, lambda f: failed(first_failure(f).value))
+        return done(value, *args)
+    return value.addCallbacks(done, _failed, callbackArgs=args, errbackArgs=(failed, *args))
+
+
+def _failed(failure: Failure, failed: Callable[..., Any], *args: Any) -> Any:
+    return failed(first_failure(failure).value, *args)
 
 
 def gather(values: list[Any]) -> Any:

@@ -68,6 +68,9 @@ REFUSED = {
 # past this many attributes it is folded back (compat.compact) to keep an
 # idle connection's dict at its smaller size (a dict of 22-42 keys is 832 bytes).
 COMPACT_ABOVE = 21
+# What deliver() reads per push: kept in a compacted connection's own dict
+# (pushsvc.compat.compact).
+HOT = ("_gate", "_guard", "envelopes")
 FAILED = {1002: "protocol_violation", 1007: "invalid_payload", 1009: "message_too_big"}
 RATE_NOTE = (
     "({suppressed} more of this kind since the last such line; the next 60 s are only "
@@ -151,7 +154,8 @@ class PushServerProtocol(WebSocketServerProtocol):
         if reader is None:
             WebSocketServerProtocol.dataReceived(self, data)
             if len(vars(self)) > COMPACT_ABOVE and self.state == self.STATE_OPEN:
-                compat.compact(self)  # after the handshake and frames: keep what an idle one uses
+                # After the handshake and frames: keep what an idle one uses.
+                compat.compact(self, HOT)
             return
         if type(reader) is int:  # the first read: a browser's whole head, as a rule
             if data.find(b"\r\n\r\n", 0, reader) >= 0:

@@ -118,7 +118,7 @@ def test_an_idle_connection_keeps_a_small_dict_and_still_works() -> None:
     from pushsvc.broker.memory import MemoryBroker
     from pushsvc.history.store import MemoryStore
     from pushsvc.node import Node
-    from pushsvc.websocket import COMPACT_ABOVE, PushServerFactory
+    from pushsvc.websocket import COMPACT_ABOVE, HOT, PushServerFactory
 
     def masked(opcode: int, payload: bytes) -> bytes:
         key = b"\x01\x02\x03\x04"
@@ -142,6 +142,8 @@ def test_an_idle_connection_keeps_a_small_dict_and_still_works() -> None:
     assert len(vars(conn)) <= COMPACT_ABOVE, sorted(vars(conn))
     assert sys.getsizeof(vars(conn)) <= 500  # Autobahn's own: 1,584 bytes (74 attributes)
     assert type(conn.send_queue) is compat.SendQueue
+    # What a push reads is the connection's own, even where its class holds the same value.
+    assert set(compat._SEND_PATH + HOT) <= set(vars(conn)), sorted(vars(conn))
     conn.sendPreparedMessage(PreparedMessage(b"hi", False, False, False))  # Autobahn's path
     assert transport.value().endswith(b"\x81\x02hi")
     assert node.push(["alice"], b"yo") == 1
@@ -193,6 +195,8 @@ def test_compact_keeps_what_differs_from_the_class_by_identity() -> None:
         state = 3
         closed = False
         send_queue = None
+        transport = None  # kept whatever its value, with the rest of the send path
+        _perMessageCompress = None
 
     shared = object()
     conn = Conn()
@@ -205,7 +209,13 @@ def test_compact_keeps_what_differs_from_the_class_by_identity() -> None:
         send_queue=deque(),
     )
     compat.compact(conn)
-    assert sorted(vars(conn)) == ["closed", "peer", "send_queue"], vars(conn)
+    assert sorted(vars(conn)) == [
+        "_perMessageCompress",
+        "closed",
+        "peer",
+        "send_queue",
+        "transport",
+    ], vars(conn)
     assert conn.closed == 0 and type(conn.closed) is int and conn.peer is shared
     assert type(conn.send_queue) is compat.SendQueue and conn.state == 3
 
@@ -281,8 +291,9 @@ def test_compact_by_layout_gives_what_the_loop_gives(monkeypatch: pytest.MonkeyP
             for name in vars(conn)
             if name not in compat.HANDSHAKE_ONLY + compat.FRAME_STATE and name != "send_queue"
         }
-        compat.compact(conn)
+        compat.compact(conn, websocket.HOT)
         assert all(getattr(conn, name) is value for name, value in reads.items())
+        assert list(vars(conn))[:6] == list(compat._SEND_PATH + websocket.HOT)  # first
         return vars(conn)
 
     first = compacted(opened(b"a"))  # the loop; the layout learned

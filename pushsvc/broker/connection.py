@@ -159,15 +159,22 @@ class RedisConnection(Protocol):
         reader = self._reader
         reader.feed(data)
         self.last_reply = time.monotonic()
+        on_push = self._on_push
         try:
             reply = reader.gets()
-            while reply is not False:
-                if self._on_push is not None and self.ready:
+            if on_push is not None and self.ready:  # a subscriber: messages, confirmations
+                while reply is not False:
                     if reply[0] != b"message":
                         self._expected = max(0, self._expected - 1)
-                    self._on_push(reply)
-                else:
-                    self._waiting.popleft()(reply)
+                    on_push(reply)
+                    reply = reader.gets()
+                return
+            waiting = self._waiting
+            while reply is not False:
+                waiting.popleft()(reply)
+                if on_push is not None and self.ready:  # the handshake ended: pushes follow
+                    self.dataReceived(b"")
+                    return
                 reply = reader.gets()
         except (hiredis.ProtocolError, IndexError) as e:
             # Not Redis, or a reply nobody asked for: nothing after it can be trusted.

@@ -49,6 +49,7 @@ REPLY = PREFIX + "r:"
 # Redis counted a receiver, so a message that is merely slow to be read here
 # (an overloaded node) must still be delivered.
 STALE_AFTER = 30.0
+STALE_AFTER_MS = STALE_AFTER * 1000
 
 log = Logger()
 
@@ -58,6 +59,14 @@ def unreachable(failure: Any) -> Any:
     failure = first_failure(failure)
     failure.trap(Unavailable)
     raise Unavailable("Redis is unreachable")
+
+
+def _one_reply(answer: defer.Deferred[int], mine: int, count: Any) -> None:
+    """A one-uid push's PUBLISH reply; ``mine`` is 1 if our own subscription is counted in it."""
+    if isinstance(count, Exception):
+        answer.errback(Unavailable("Redis is unreachable"))
+    else:
+        answer.callback(max(0, count - mine))
 
 
 class _Gathering:
@@ -131,6 +140,7 @@ class RedisBroker:
     ) -> None:
         self.node = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._node_bytes = self.node.encode()
+        self._head = self._node_bytes + b"\x00"  # a message: origin, sent, offset, epoch, payload
         self.timeout = timeout
         self.heartbeat = heartbeat
         self.shards = [
@@ -138,6 +148,7 @@ class RedisBroker:
         ]
         self._ring = hash_ring([(shard.name, shard) for shard in self.shards])
         self.home = self.shards[0]  # global channels and keys live on the first Redis
+        self._single = self.home if len(self.shards) == 1 else None
         self.reply_channel = REPLY + self.node
         self.stale_messages = 0
         self._stale_log = RateLimitedLog(log, level=LogLevel.warn)
@@ -164,6 +175,8 @@ class RedisBroker:
     # -- where things live ----------------------------------------------------
 
     def shard_of(self, key: str) -> Shard:
+        if self._single is not None:  # one --redis: no hashing per push
+            return self._single
         return self._ring(key.encode("utf-8"))
 
     def call(self, key: str, *args: Any) -> defer.Deferred[Any]:
@@ -199,15 +212,34 @@ class RedisBroker:
     def publish(
         self, uids: Iterable[str], payload: bytes, position: tuple[str, int, str] | None = None
     ) -> defer.Deferred[int]:
-        """PUBLISH to each uid's channel; the receiver counts (other nodes) summed."""
-        offset, epoch = (b"%d" % position[1], position[2].encode()) if position else (b"", b"")
-        head = b"\x00".join([self._node_bytes, b"%d" % _now_ms(), offset, epoch, b""])
-        message = head + payload
+        """PUBLISH to each uid's channel; the receiver counts (other nodes) summed.
+
+        A push to one uid (the common case) waits for its one reply with a
+        plain Deferred; several uids share one ``_Sum``.
+        """
+        if position is None:
+            message = b"%b%d\x00\x00\x00%b" % (self._head, int(time.time() * 1000), payload)
+        else:
+            message = b"%b%d\x00%d\x00%b\x00%b" % (
+                self._head,
+                int(time.time() * 1000),
+                position[1],
+                position[2].encode(),
+                payload,
+            )
+        shard_of = self.shard_of
+        if type(uids) is list and len(uids) == 1:
+            channel = UID + uids[0]
+            shard = shard_of(uids[0])
+            # Our own subscription (if we hold the uid) counts as a receiver.
+            d: defer.Deferred[int] = defer.Deferred()
+            reply = partial(_one_reply, d, 1 if shard.may_count_me(channel) else 0)
+            shard.send(("PUBLISH", channel, message), reply)
+            return d
         answer = _Sum()
         for uid in uids:
             channel = UID + uid
-            shard = self.shard_of(uid)
-            # Our own subscription (if we hold the uid) counts as a receiver.
+            shard = shard_of(uid)
             mine = 1 if shard.may_count_me(channel) else 0
             answer.left += 1
             shard.send(("PUBLISH", channel, message), partial(answer.reply, mine))
@@ -261,10 +293,15 @@ class RedisBroker:
         assert handler is not None
         if channel.startswith(UID):
             origin, sent, offset, epoch, payload = message.split(b"\x00", 4)
-            if origin != self._node_bytes and not self._stale(int(sent)):
-                uid = channel[len(UID) :]
-                position = ("u:" + uid, int(offset), epoch.decode()) if offset else None
-                handler.deliver_uid(uid, payload, position)
+            if origin == self._node_bytes:
+                return
+            sent_ms = int(sent)
+            # _stale (a call) only for what looks stale: it decides, counts and logs.
+            if time.time() * 1000 - sent_ms > STALE_AFTER_MS and self._stale(sent_ms):
+                return
+            uid = channel[len(UID) :]
+            position = ("u:" + uid, int(offset), epoch.decode()) if offset else None
+            handler.deliver_uid(uid, payload, position)
             return
         data = orjson.loads(message)
         if channel == self.reply_channel:
