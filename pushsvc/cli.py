@@ -34,6 +34,7 @@ from pushsvc.client import (
 )
 
 ADDR_ENV = "PUSHSVC_ADDR"
+SECRET_ENV = "PUSHSVC_BACKEND_SECRET"  # the service's own variable for the same secret
 
 OK, FAIL, ERROR = 0, 1, 2
 
@@ -83,7 +84,26 @@ def client(args: argparse.Namespace) -> Client:
         host = args.host
     if args.port is not None:
         port = args.port
-    return Client(host, port, connect_timeout=args.timeout, timeout=args.timeout)
+    secret = backend_secret(getattr(args, "secret_file", None))
+    return Client(host, port, connect_timeout=args.timeout, timeout=args.timeout, secret=secret)
+
+
+def backend_secret(path: str | None) -> str | None:
+    """The backend secret from ``--secret-file`` (its first line) or $PUSHSVC_BACKEND_SECRET.
+
+    A file of several lines is the service's rotation list: the first is the
+    current secret.  Never a flag of its own: ``ps`` shows arguments.
+    """
+    if path is None:
+        return os.environ.get(SECRET_ENV, "").strip() or None
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--secret-file {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not lines:
+        raise UsageError(f"--secret-file {path}: the file is empty")
+    return lines[0]
 
 
 def read_data(args: argparse.Namespace) -> Any:
@@ -210,6 +230,12 @@ def connection_options(default: Any) -> argparse.ArgumentParser:
         type=port_number,
         default=default,
         help=f"backend port (default: from ${ADDR_ENV}, else {DEFAULT_PORT})",
+    )
+    group.add_argument(
+        "--secret-file",
+        default=default,
+        metavar="FILE",
+        help=f"the backend secret, if the service has one (default: ${SECRET_ENV})",
     )
     group.add_argument(
         "--timeout",

@@ -43,6 +43,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 __all__ = [
+    "AuthenticationFailed",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "Client",
@@ -120,6 +121,19 @@ class RequestRejected(PushError):
         self.replies: list[Reply] = replies if replies is not None else [self.reply]
 
 
+class AuthenticationFailed(PushError):
+    """pushsvc refused the backend secret (or asks for one and none was given).
+
+    Not retried: a new connection would be refused the same way, and wrong
+    secrets count toward the service's per-IP block (``--auth-fail-limit``).
+    ``reason`` is the server's text.
+    """
+
+    def __init__(self, reason: str, address: str) -> None:
+        super().__init__(f"pushsvc at {address} refused the backend secret: {reason}")
+        self.reason = reason
+
+
 class ProtocolError(PushError):
     """A reply that does not fit the protocol (not JSON, wrong ``id``).
 
@@ -182,6 +196,8 @@ class Client:
     connection is re-opened within one call (default once);
     ``retry_delay`` is the pause before re-trying a connection that was
     refused, so that a restarting service has a moment to come back.
+    ``secret`` is the backend secret (``--backend-secret-file`` on the
+    service): sent as the first line of every connection the client opens.
     """
 
     def __init__(
@@ -194,6 +210,7 @@ class Client:
         timeout: float = 5.0,
         retries: int = 1,
         retry_delay: float = 0.2,
+        secret: str | None = None,
     ) -> None:
         if url is not None:
             if host is not None or port is not None:
@@ -207,6 +224,7 @@ class Client:
         self.timeout = timeout
         self.retries = retries
         self.retry_delay = retry_delay
+        self._secret = secret
         self._sock: socket.socket | None = None
         self._pid = 0
         self._rbuf = bytearray()
@@ -266,6 +284,17 @@ class Client:
         self._sock, self._pid = sock, os.getpid()
         self._rbuf.clear()
         self._heard = False  # no byte from the peer yet on this connection
+        if self._secret is not None:
+            self._authenticate(self._secret)
+
+    def _authenticate(self, secret: str) -> None:
+        """The backend secret, first on a new connection (docs/protocol.md, Authentication)."""
+        rid = next(self._ids)
+        self._send(_encode({"cmd": "auth", "secret": secret, "id": rid}))
+        reply = self._read_reply(rid)
+        if reply.get("ok") is not True:
+            self._drop()  # pushsvc closes it after a refusal
+            raise AuthenticationFailed(str(reply.get("error", reply)), self.address)
 
     def _drop(self) -> None:
         sock, self._sock = self._sock, None

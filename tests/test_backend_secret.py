@@ -6,10 +6,14 @@ import json
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import pytest
-from conftest import Backend, PushServer
+from conftest import Backend, PushServer, new_uid
 from test_commands import http_post
+
+from pushsvc.cli import SECRET_ENV
+from pushsvc.client import AuthenticationFailed, Client, RequestRejected
 
 SECRET = "backend-secret-0123456789"
 AUTH = json.dumps({"cmd": "auth", "secret": SECRET})
@@ -127,3 +131,70 @@ def test_files_of_several_lines_accept_each_line(start_server, tmp_path) -> None
     for key, status in (("old-api-key", 200), ("new-api-key", 200), ("other", 401)):
         headers = {"Authorization": f"Bearer {key}"}
         assert http_post(server, "/api/stats", b"{}", headers)[0] == status, key
+
+
+# -- the Python client and the pushsvc command with the secret -------------------
+
+
+def identified(server: PushServer, user: str, ws_clients: list) -> Any:
+    """A browser as ``user``, once the service has identified it (asked with the secret)."""
+    ws = server.ws(user)
+    ws_clients.append(ws)
+    with Client("127.0.0.1", server.text_port, secret=SECRET) as client:
+        deadline = time.monotonic() + 10
+        while not client.is_online(user):
+            assert time.monotonic() < deadline, f"{user} never came online"
+            time.sleep(0.02)
+    return ws
+
+
+def test_the_client_sends_the_secret_first(guarded: PushServer, ws_clients) -> None:
+    user = new_uid("sec")
+    ws = identified(guarded, user, ws_clients)
+    with Client("127.0.0.1", guarded.text_port, secret=SECRET) as client:
+        assert client.push(user, "88%") == 1
+        client.close()  # a new connection authenticates again
+        assert client.push_many([(user, "a"), (user, "b")]) == [1, 1]
+    assert [ws.recv(timeout=5) for _ in range(3)] == ["88%", "a", "b"]
+
+
+def test_the_client_without_the_secret_is_told_why(guarded: PushServer) -> None:
+    with Client("127.0.0.1", guarded.text_port) as client:
+        with pytest.raises(RequestRejected, match="authentication required"):
+            client.push("anyone", "x")
+
+
+def test_a_wrong_secret_fails_once_and_is_not_retried(guarded: PushServer) -> None:
+    client = Client("127.0.0.1", guarded.text_port, secret="not-the-secret", retries=3)
+    with pytest.raises(AuthenticationFailed, match="authentication failed") as caught:
+        client.push("anyone", "x")
+    assert caught.value.reason == "authentication failed"
+    client.close()
+    # One wrong secret counted, not four: the limit is 3, so two more are refused as wrong...
+    for _ in range(2):
+        with pytest.raises(AuthenticationFailed, match="authentication failed"):
+            client.connect()
+    # ...and then the address is blocked, which the client reports the same way.
+    with pytest.raises(AuthenticationFailed, match="too many failed"):
+        client.connect()
+
+
+def test_the_command_reads_the_secret_from_a_file_or_the_environment(
+    guarded: PushServer, tmp_path, ws_clients
+) -> None:
+    from test_cli import pushsvc
+
+    user = new_uid("sec")
+    ws = identified(guarded, user, ws_clients)
+    port = f"--port={guarded.text_port}"
+    secret_file = tmp_path / "backend-secret"
+    secret_file.write_text(f"\n{SECRET}\nan-older-secret\n")
+    proc = pushsvc(port, "--secret-file", str(secret_file), "push", user, "from a file")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "ok\n", "")
+    proc = pushsvc(port, "push", user, "from the environment", env={SECRET_ENV: SECRET})
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "ok\n", "")
+    assert [ws.recv(timeout=5) for _ in range(2)] == ["from a file", "from the environment"]
+    proc = pushsvc(port, "push", user, "x", env={SECRET_ENV: "wrong"})
+    assert proc.returncode == 2 and "refused the backend secret" in proc.stderr
+    proc = pushsvc(port, "--secret-file", str(tmp_path / "missing"), "push", user, "x")
+    assert proc.returncode == 2 and "--secret-file" in proc.stderr
