@@ -684,6 +684,20 @@ def tree_env(tree: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(tree.resolve())}
 
 
+def on_fresh_server(
+    template: str, env: dict[str, str], log_dir: Path, label: str, measure: Callable[[Server], Any]
+) -> Any:
+    """``measure(server)`` on a server of its own, stopped afterwards whatever happens."""
+    server = start_server(template, log_dir, label, env=env)
+    if "--ws-port ssl:" in template:
+        server.target.tls = loadgen.client_tls()
+    try:
+        time.sleep(0.3)
+        return measure(server)
+    finally:
+        stop_server(server)
+
+
 def run_connect(
     servers: dict[str, tuple[str, dict[str, str]]],
     sizes: list[int],
@@ -693,26 +707,26 @@ def run_connect(
     loop: LoopFactory,
 ) -> dict[str, list[dict[str, Any]]]:
     """Each size on a fresh server of each kind, alternating, ``reps`` times."""
+
+    def connect(n: int) -> Callable[[Server], dict[str, Any]]:
+        def measure(server: Server) -> dict[str, Any]:
+            hub = loadgen.Hub(HOST, server.target.ws_port)
+            with asyncio.Runner(loop_factory=loop) as runner:
+                res, clients = runner.run(loadgen.scenario_connect(server.target, hub, n, cfg))
+                loadgen.close_clients(clients)
+            return res
+
+        return measure
+
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     for rep in range(reps):
         for name, (template, env) in servers.items():
-            merged: dict[str, Any] = {}
-            for n in sizes:
-                server = start_server(template, log_dir, "connect", env=env)
-                if "--ws-port ssl:" in template:
-                    server.target.tls = loadgen.client_tls()
-                try:
-                    time.sleep(0.3)
-                    hub = loadgen.Hub(HOST, server.target.ws_port)
-                    with asyncio.Runner(loop_factory=loop) as runner:
-                        res, clients = runner.run(
-                            loadgen.scenario_connect(server.target, hub, n, cfg)
-                        )
-                        loadgen.close_clients(clients)
-                    merged[f"connect_{n}"] = res
-                finally:
-                    stop_server(server)
-            out[name].append(merged)
+            out[name].append(
+                {
+                    f"connect_{n}": on_fresh_server(template, env, log_dir, "connect", connect(n))
+                    for n in sizes
+                }
+            )
             print(f"  rep {rep + 1} {name}: done", flush=True)
     return out
 
@@ -745,17 +759,15 @@ def run_storm(
     loop: LoopFactory,
 ) -> dict[str, list[dict[str, Any]]]:
     """The reconnect storm on a fresh server of each kind, alternating, ``reps`` times."""
+
+    def storm(server: Server) -> dict[str, Any]:
+        with asyncio.Runner(loop_factory=loop) as runner:
+            return {"storm": runner.run(loadgen.scenario_storm(server.target, n, rate, cfg))}
+
     out: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
     for rep in range(reps):
         for name, (template, env) in servers.items():
-            server = start_server(template, log_dir, "storm", env=env)
-            try:
-                time.sleep(0.3)
-                with asyncio.Runner(loop_factory=loop) as runner:
-                    res = runner.run(loadgen.scenario_storm(server.target, n, rate, cfg))
-                out[name].append({"storm": res})
-            finally:
-                stop_server(server)
+            out[name].append(on_fresh_server(template, env, log_dir, "storm", storm))
             print(f"  rep {rep + 1} {name} storm: done", flush=True)
     return out
 

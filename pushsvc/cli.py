@@ -84,12 +84,12 @@ def client(args: argparse.Namespace) -> Client:
         host = args.host
     if args.port is not None:
         port = args.port
-    secret = backend_secret(getattr(args, "secret_file", None))
+    secret = backend_secret(getattr(args, "backend_secret_file", None))
     return Client(host, port, connect_timeout=args.timeout, timeout=args.timeout, secret=secret)
 
 
 def backend_secret(path: str | None) -> str | None:
-    """The backend secret from ``--secret-file`` (its first line) or $PUSHSVC_BACKEND_SECRET.
+    """The backend secret: ``--backend-secret-file`` (its first line), else the environment.
 
     A file of several lines is the service's rotation list: the first is the
     current secret.  Never a flag of its own: ``ps`` shows arguments.
@@ -100,9 +100,10 @@ def backend_secret(path: str | None) -> str | None:
         with open(path, encoding="utf-8") as f:
             lines = [line.strip() for line in f if line.strip()]
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--secret-file {path}: {getattr(e, 'strerror', None) or e}") from None
+        reason = getattr(e, "strerror", None) or e
+        raise UsageError(f"--backend-secret-file {path}: {reason}") from None
     if not lines:
-        raise UsageError(f"--secret-file {path}: the file is empty")
+        raise UsageError(f"--backend-secret-file {path}: the file is empty")
     return lines[0]
 
 
@@ -232,7 +233,7 @@ def connection_options(default: Any) -> argparse.ArgumentParser:
         help=f"backend port (default: from ${ADDR_ENV}, else {DEFAULT_PORT})",
     )
     group.add_argument(
-        "--secret-file",
+        "--backend-secret-file",
         default=default,
         metavar="FILE",
         help=f"the backend secret, if the service has one (default: ${SECRET_ENV})",

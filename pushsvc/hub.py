@@ -210,12 +210,14 @@ class Hub:
         for conn in conns:
             conn.deliver(frame)
         sent = len(conns)
-        self.frames_sent += sent
-        self.bytes_sent += sent * len(frame.payload)
+        self.count_sent(sent, sent * len(frame.payload))
         return sent
 
     def count_sent(self, frames: int, size: int) -> None:
-        """Count frames written past the hub (a replay's): ``size`` bytes in all."""
+        """Count frames sent, ``size`` bytes in all (also a replay's, written past the hub).
+
+        ``push`` counts inline: it runs once per push line.
+        """
         self.frames_sent += frames
         self.bytes_sent += size
 

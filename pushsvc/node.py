@@ -141,7 +141,7 @@ class Node(Service):
         """
         reached = self.hub.push(uids, payload)
         remote = self.broker.publish(uids, payload, None)
-        if type(remote) is int:
+        if type(remote) is int:  # _answer's first case, inline: one node's every push
             return reached + remote
         return _answer(reached, remote)
 

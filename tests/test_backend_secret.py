@@ -189,12 +189,12 @@ def test_the_command_reads_the_secret_from_a_file_or_the_environment(
     port = f"--port={guarded.text_port}"
     secret_file = tmp_path / "backend-secret"
     secret_file.write_text(f"\n{SECRET}\nan-older-secret\n")
-    proc = pushsvc(port, "--secret-file", str(secret_file), "push", user, "from a file")
+    proc = pushsvc(port, "--backend-secret-file", str(secret_file), "push", user, "from a file")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "ok\n", "")
     proc = pushsvc(port, "push", user, "from the environment", env={SECRET_ENV: SECRET})
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "ok\n", "")
     assert [ws.recv(timeout=5) for _ in range(2)] == ["from a file", "from the environment"]
     proc = pushsvc(port, "push", user, "x", env={SECRET_ENV: "wrong"})
     assert proc.returncode == 2 and "refused the backend secret" in proc.stderr
-    proc = pushsvc(port, "--secret-file", str(tmp_path / "missing"), "push", user, "x")
-    assert proc.returncode == 2 and "--secret-file" in proc.stderr
+    proc = pushsvc(port, "--backend-secret-file", str(tmp_path / "missing"), "push", user, "x")
+    assert proc.returncode == 2 and "--backend-secret-file" in proc.stderr
