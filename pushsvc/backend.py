@@ -14,7 +14,6 @@ from typing import Any
 
 import orjson
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -27,6 +26,7 @@ from pushsvc.errors import UnknownCommand, describe
 from pushsvc.node import Node
 from pushsvc.policy import FailureThrottle, default_max_connections
 from pushsvc.ratelog import RateLimitedLog
+from pushsvc.results import settle
 
 log = Logger()
 
@@ -186,7 +186,7 @@ class BackendProtocol(LineReceiver):
 
     def dataReceived(self, data: bytes) -> None:
         buf = self._partial + data if self._partial else data
-        replies: list[bytes | Deferred[bytes]] = []
+        replies: list[Any] = []  # each reply line, or a Later or Deferred of it
         start = 0
         limit = self.MAX_LENGTH
         while (end := buf.find(b"\n", start)) >= 0 and not self.closing:
@@ -219,7 +219,7 @@ class BackendProtocol(LineReceiver):
             )
         return self._refuse(reply)
 
-    def lineReceived(self, line: bytes) -> bytes | Deferred[bytes]:
+    def lineReceived(self, line: bytes) -> Any:
         """Answer one request line (without its newline)."""
         if self.closing:
             return b""  # the connection is closing: no more replies
@@ -293,21 +293,21 @@ class BackendProtocol(LineReceiver):
 
     # -- ordered replies ------------------------------------------------------
 
-    def _send(self, replies: list[bytes | Deferred[bytes]]) -> None:
+    def _send(self, replies: list[Any]) -> None:
         if self._waiting is None and all(type(r) is bytes for r in replies):
             write_now(self.transport, b"".join(replies))  # type: ignore[arg-type]
             return
         if self._waiting is None:
             self._waiting = deque()
         for reply in replies:
-            # One slot per reply, filled when its Deferred fires: replies go
+            # One slot per reply, filled when its answer comes: replies go
             # out in request order without searching the queue.
             slot: list[bytes | None] = [None]
             self._waiting.append(slot)
             if type(reply) is bytes:
                 slot[0] = reply
             else:
-                reply.addBoth(self._resolved, slot)  # type: ignore[union-attr]
+                settle(reply, self._resolved, self._broken, slot)
         self._flush()
         self._hold_if_behind()
 
@@ -320,6 +320,10 @@ class BackendProtocol(LineReceiver):
         slot[0] = value
         if self._waiting is not None and self._flush_call is None:
             self._flush_call = reactor.callLater(0, self._flush_turn)
+
+    def _broken(self, error: BaseException, slot: list[bytes | None]) -> None:
+        """Not a reply but a bug (``serve`` answers every error, and logged this one)."""
+        self._resolved(error_line("internal error"), slot)
 
     def _flush_turn(self) -> None:
         self._flush_call = None

@@ -12,7 +12,6 @@ from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -24,6 +23,7 @@ from pushsvc.errors import INTERNAL, describe, error_body
 from pushsvc.metrics import MetricsCollector
 from pushsvc.node import Node
 from pushsvc.policy import FailureThrottle
+from pushsvc.results import then
 from pushsvc.websocket import PushServerFactory
 
 log = Logger()
@@ -191,9 +191,9 @@ class ApiResource(resource.Resource):
         except orjson.JSONDecodeError as e:
             return reply(request, 400, {"ok": False, "error": f"invalid JSON: {e}"})
         answer = commands.serve(self.node, payload, name, self)
-        if isinstance(answer, Deferred):
+        if type(answer) is not tuple:  # a Later or a Deferred: Redis answers
             gone = _watch(request)
-            answer.addCallback(lambda a: gone or _finish(request, *a))
+            then(answer, lambda a: gone or _finish(request, *a))
             return server.NOT_DONE_YET
         return reply(request, *answer)
 

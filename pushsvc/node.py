@@ -4,8 +4,8 @@ Every call acts on this process's connections first (the hub), then reaches
 the other nodes through the broker; one node runs the in-memory broker
 through the same code as a cluster.  The node is also the broker's handler
 (``BrokerHandler``): what other nodes send arrives here and goes to the hub.
-Answers are plain values when the broker answers at once, Deferreds when it
-must wait (pushsvc.results).
+Answers are plain values when the broker answers at once, a Later or a
+Deferred when it must wait (pushsvc.results).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pushsvc.history.replay import Recovering, Replay
 from pushsvc.history.store import HistoryStore, Position, Recovery, envelope
 from pushsvc.hub import NOBODY, Connection, Frame, Hub, page
 from pushsvc.metrics import Metrics
-from pushsvc.results import gather, settle, then
+from pushsvc.results import Later, gather, settle, then
 
 log = Logger()
 
@@ -41,12 +41,13 @@ def _ignored(failure: Any) -> None:
     """An error nobody waits for: the backend was answered from local deliveries."""
 
 
-def _answer(reached: int, remote: int | Deferred[int]) -> int | Any:
+def _answer(reached: int, remote: int | Later | Deferred[int]) -> int | Any:
     """Local deliveries plus the broker's count; ``ok`` at once when there were local ones."""
     if type(remote) is int:
         return reached + remote
     if reached:  # answered ok now; Redis trouble is logged by the broker
-        remote.addErrback(_ignored)
+        if isinstance(remote, Deferred):
+            remote.addErrback(_ignored)
         return reached
     return remote
 

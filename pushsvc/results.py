@@ -1,8 +1,10 @@
 """One contract for answers that may come now or later.
 
-A node answers synchronously when it can (one node, memory broker) and with
-a Deferred when it must wait (Redis).  Everything above the node takes
-``X | Deferred[X]`` through these two functions, and nothing else checks.
+A node answers synchronously when it can (one node, memory broker) and
+later when it must wait (Redis): with a :class:`Later` on the push path, a
+Twisted ``Deferred`` elsewhere.  Everything above the node takes
+``X | Later[X] | Deferred[X]`` through the functions of this module, and
+nothing else checks.
 """
 
 from __future__ import annotations
@@ -11,18 +13,112 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+log = Logger()
 
 # Checked first because isinstance() against Deferred goes through ABCMeta
 # (Deferred is an Awaitable): measurably slow once per push.
 _PLAIN = (int, dict, tuple, list, type(None), bytes)
 
+Step = tuple[Callable[..., Any], "Callable[..., Any] | None", tuple[Any, ...]]
+
+
+class Later:
+    """A value still to come (a PUBLISH's receiver count): the steps that wait for it, in order.
+
+    Twisted's Deferred, cut down to what a cluster push needs.  A push that
+    waits for Redis has three steps (the command's result, ``serve``'s reply,
+    the backend's reply slot); a Deferred spends about 460 Python opcodes per
+    push running them, a quarter of a cluster push's whole cost
+    (docs/performance.md, *The reply path*), a Later about 60.
+
+    A step is ``then(done, *args)`` — ``done(value, *args)`` replaces the
+    value — or ``settle(done, failed, *args)``, which also takes a failure
+    (``failed(error, *args)`` with the exception itself, not a Failure).  An
+    exception raised by a step fails the steps after it, down to the next
+    ``failed``; one that no step is left to take is logged.  A step that
+    returns a Later or a Deferred makes the rest wait for it.  Steps added
+    once the value is known run at once.
+    """
+
+    __slots__ = ("_steps", "_value", "_ok")
+
+    def __init__(self) -> None:
+        self._steps: list[Step] = []
+        self._value: Any = None
+        self._ok: bool | None = None  # None: not known yet; False: _value is the exception
+
+    def then(self, done: Callable[..., Any], *args: Any) -> Later:
+        return self._add(done, None, args)
+
+    def settle(self, done: Callable[..., Any], failed: Callable[..., Any], *args: Any) -> Later:
+        return self._add(done, failed, args)
+
+    def resolve(self, value: Any) -> None:
+        """The value is known: run the steps."""
+        self._value, self._ok = value, True
+        self._run()
+
+    def fail(self, error: BaseException) -> None:
+        """No value will come: the steps that take failures get ``error``."""
+        self._value, self._ok = error, False
+        self._run()
+
+    def as_deferred(self) -> defer.Deferred[Any]:
+        """The same value as a Deferred, for code written for Twisted (HTTP, gatherResults)."""
+        d: defer.Deferred[Any] = defer.Deferred()
+        self._add(d.callback, d.errback, ())
+        return d
+
+    def _add(
+        self, done: Callable[..., Any], failed: Callable[..., Any] | None, args: tuple[Any, ...]
+    ) -> Later:
+        self._steps.append((done, failed, args))
+        if self._ok is not None:
+            self._run()
+        return self
+
+    def _run(self) -> None:
+        value, ok = self._value, self._ok
+        self._ok = None  # running: steps added meanwhile are queued and run below
+        raised = False
+        while self._steps:
+            steps = iter(self._steps)
+            self._steps = []
+            for done, failed, args in steps:
+                try:
+                    if ok:
+                        value = done(value, *args)
+                    elif failed is not None:
+                        value, ok = failed(value, *args), True
+                    else:
+                        continue
+                except Exception as e:  # noqa: BLE001 - for the next step that takes failures
+                    value, ok, raised = e, False, True
+                    continue
+                if type(value) not in _PLAIN and isinstance(value, (Later, defer.Deferred)):
+                    # The rest wait for the value it stands for.
+                    self._steps = [*steps, *self._steps]
+                    settle(value, self.resolve, self.fail)
+                    return
+        self._value, self._ok = value, ok
+        if raised and not ok:  # an exception no step took: a bug, not an answer
+            failure = Failure(value, type(value), value.__traceback__)
+            log.failure("a step of a Later failed", failure)
+
 
 def then(value: Any, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(value, *args)`` now, or when ``value`` arrives if it is a Deferred."""
-    if type(value) in _PLAIN or not isinstance(value, defer.Deferred):
+    """``fn(value, *args)`` now, or when ``value`` arrives if it is a Later or a Deferred."""
+    kind = type(value)
+    if kind in _PLAIN:
         return fn(value, *args)
-    return value.addCallback(fn, *args)
+    if kind is Later:
+        return value._add(fn, None, args)
+    if not isinstance(value, defer.Deferred):
+        return fn(value, *args)
+    return value.addCallback(_adopted, fn, args)
 
 
 def settle(value: Any, done: Callable[..., Any], failed: Callable[..., Any], *args: Any) -> Any:
@@ -30,22 +126,45 @@ def settle(value: Any, done: Callable[..., Any], failed: Callable[..., Any], *ar
 
     ``args`` spare a caller a closure per request on the way to a later answer.
     """
-    if type(value) in _PLAIN or not isinstance(value, defer.Deferred):
+    kind = type(value)
+    if kind in _PLAIN:
         return done(value, *args)
-    return value.addCallbacks(done, _failed, callbackArgs=args, errbackArgs=(failed, *args))
+    if kind is Later:
+        return value._add(done, failed, args)
+    if not isinstance(value, defer.Deferred):
+        return done(value, *args)
+    return value.addCallbacks(
+        _adopted, _failed, callbackArgs=(done, args), errbackArgs=(failed, *args)
+    )
+
+
+def _adopted(value: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    """A Deferred's callback: ``fn``'s Later becomes a Deferred it can wait for."""
+    result = fn(value, *args)
+    return result.as_deferred() if type(result) is Later else result
 
 
 def _failed(failure: Failure, failed: Callable[..., Any], *args: Any) -> Any:
-    return failed(first_failure(failure).value, *args)
+    return _adopted(first_failure(failure).value, failed, args)
+
+
+def is_later(value: Any) -> bool:
+    """Whether ``value`` is an answer still to come (a Later or a Deferred)."""
+    return type(value) not in _PLAIN and isinstance(value, (Later, defer.Deferred))
+
+
+def deferred(value: Any) -> defer.Deferred[Any]:
+    """Any answer as a Deferred, for code written for Twisted."""
+    if type(value) is Later:
+        return value.as_deferred()
+    return defer.maybeDeferred(lambda: value)
 
 
 def gather(values: list[Any]) -> Any:
-    """A list of the values, or a Deferred of it if any value is a Deferred."""
-    if all(type(v) in _PLAIN or not isinstance(v, defer.Deferred) for v in values):
+    """A list of the values, or a Deferred of it if any value is still to come."""
+    if not any(is_later(v) for v in values):
         return values
-    d = defer.gatherResults(
-        [defer.maybeDeferred(lambda v=v: v) for v in values], consumeErrors=True
-    )
+    d = defer.gatherResults([deferred(v) for v in values], consumeErrors=True)
     return d.addErrback(first_failure)
 
 

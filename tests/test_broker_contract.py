@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from pushsvc.broker.memory import MemoryBroker
 from pushsvc.broker.redis import RedisBroker
 from pushsvc.errors import Unavailable
+from pushsvc.results import deferred, is_later
 
 TIMEOUT = 0.5  # the brokers' --redis-timeout
 
@@ -258,8 +259,8 @@ class RedisCase(FlushedRedis, ReactorTestCase):
         return Peer(broker, handler)
 
     def answer(self, value: Any) -> defer.Deferred[Any]:
-        assert isinstance(value, defer.Deferred), "the Redis broker answers later"
-        return value
+        assert is_later(value), "the Redis broker answers later"
+        return deferred(value)
 
 
 class TestRedisBroker(BrokerContract, RedisCase):
@@ -279,7 +280,7 @@ class TestRedisBroker(BrokerContract, RedisCase):
         a.broker.unsubscribe("gone-5")
         # Nothing confirms an UNSUBSCRIBE: ask Redis until it has none for the uid.
         yield until(lambda: self.subscribers("gone-5") == 0)
-        assert (yield b.broker.publish(["gone-5"], b"x")) == 0
+        assert (yield deferred(b.broker.publish(["gone-5"], b"x"))) == 0
 
 
 class TestRedisDown(RedisCase):
@@ -296,7 +297,7 @@ class TestRedisDown(RedisCase):
         broker = peer.broker
         local = {"uids": 0, "connections": 0, "pending": 0, "groups": 0}
         return {
-            "publish": broker.publish(["down-1"], b"x"),
+            "publish": deferred(broker.publish(["down-1"], b"x")),
             "fan_out": broker.fan_out("broadcast", {"data": "x", "exclude": []}),
             "membership": broker.membership("join", ["down-1"], ["g"]),
             "online": broker.online(["down-1"]),

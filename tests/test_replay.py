@@ -28,6 +28,7 @@ from pushsvc.history.replay import Replay
 from pushsvc.history.store import MemoryStore, Recovery, RedisStore, envelope
 from pushsvc.hub import Frame
 from pushsvc.node import Node, stored_frame
+from pushsvc.results import deferred
 
 MSG = b'{"pushsvc":"msg"}'  # a plain push that looks like the start of an envelope
 
@@ -266,7 +267,7 @@ class TestClusterRecovery(FlushedRedis, ReactorTestCase):
         assert conn.texts == [envelope("u:ann", 1, epoch, b"one"), status("u:ann", True, 1, epoch)]
         replay = conn.gate
         assert replay is not None  # a cluster keeps the gate for the late window
-        assert (yield b.push(["ann"], MSG)) == 1
+        assert (yield deferred(b.push(["ann"], MSG))) == 1
         yield until(lambda: len(conn.sent) == 3)
         assert conn.texts[2] == MSG
         # A stored push that the replay did not cover goes through too, with its position.

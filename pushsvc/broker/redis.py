@@ -36,7 +36,7 @@ from pushsvc.broker.ring import hash_ring
 from pushsvc.broker.shard import Shard
 from pushsvc.errors import Unavailable
 from pushsvc.ratelog import RateLimitedLog
-from pushsvc.results import first_failure
+from pushsvc.results import Later, first_failure
 
 PREFIX = "pushsvc:"
 ALL = PREFIX + "all"
@@ -61,12 +61,12 @@ def unreachable(failure: Any) -> Any:
     raise Unavailable("Redis is unreachable")
 
 
-def _one_reply(answer: defer.Deferred[int], mine: int, count: Any) -> None:
+def _one_reply(answer: Later, mine: int, count: Any) -> None:
     """A one-uid push's PUBLISH reply; ``mine`` is 1 if our own subscription is counted in it."""
     if isinstance(count, Exception):
-        answer.errback(Unavailable("Redis is unreachable"))
+        answer.fail(Unavailable("Redis is unreachable"))
     else:
-        answer.callback(max(0, count - mine))
+        answer.resolve(max(0, count - mine))
 
 
 class _Gathering:
@@ -93,12 +93,12 @@ class _Gathering:
 
 
 class _Sum:
-    """The summed receiver counts of one push's PUBLISHes: one Deferred, not one per uid."""
+    """The summed receiver counts of one push's PUBLISHes: one answer, not one per uid."""
 
     __slots__ = ("answer", "left", "total", "error", "closed")
 
     def __init__(self) -> None:
-        self.answer: defer.Deferred[int] = defer.Deferred()
+        self.answer = Later()
         self.left = 0
         self.total = 0
         self.error: Exception | None = None
@@ -113,18 +113,18 @@ class _Sum:
             self.total += max(0, count - mine)
         self._done()
 
-    def close(self) -> defer.Deferred[int]:
+    def close(self) -> Later:
         self.closed = True
         self._done()
         return self.answer
 
     def _done(self) -> None:
-        if self.left or not self.closed or self.answer.called:
+        if self.left or not self.closed:
             return
         if self.error is None:
-            self.answer.callback(self.total)
+            self.answer.resolve(self.total)
         else:
-            self.answer.errback(Unavailable("Redis is unreachable"))
+            self.answer.fail(Unavailable("Redis is unreachable"))
 
 
 class RedisBroker:
@@ -211,11 +211,11 @@ class RedisBroker:
 
     def publish(
         self, uids: Iterable[str], payload: bytes, position: tuple[str, int, str] | None = None
-    ) -> defer.Deferred[int]:
+    ) -> Later:
         """PUBLISH to each uid's channel; the receiver counts (other nodes) summed.
 
         A push to one uid (the common case) waits for its one reply with a
-        plain Deferred; several uids share one ``_Sum``.
+        bare Later; several uids share one ``_Sum``.
         """
         if position is None:
             message = b"%b%d\x00\x00\x00%b" % (self._head, int(time.time() * 1000), payload)
@@ -232,18 +232,18 @@ class RedisBroker:
             channel = UID + uids[0]
             shard = shard_of(uids[0])
             # Our own subscription (if we hold the uid) counts as a receiver.
-            d: defer.Deferred[int] = defer.Deferred()
-            reply = partial(_one_reply, d, 1 if shard.may_count_me(channel) else 0)
+            answer = Later()
+            reply = partial(_one_reply, answer, 1 if shard.may_count_me(channel) else 0)
             shard.send(("PUBLISH", channel, message), reply)
-            return d
-        answer = _Sum()
+            return answer
+        total = _Sum()
         for uid in uids:
             channel = UID + uid
             shard = shard_of(uid)
             mine = 1 if shard.may_count_me(channel) else 0
-            answer.left += 1
-            shard.send(("PUBLISH", channel, message), partial(answer.reply, mine))
-        return answer.close()
+            total.left += 1
+            shard.send(("PUBLISH", channel, message), partial(total.reply, mine))
+        return total.close()
 
     def fan_out(self, kind: str, fields: dict[str, Any]) -> defer.Deferred[int]:
         """Ask every other node to act on its connections; sum what they report."""
