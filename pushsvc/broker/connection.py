@@ -48,8 +48,9 @@ class RedisConnection(Protocol):
 
     ``handshake`` commands (AUTH, SELECT, ROLE check...) are sent first; the
     connection is *ready* when the last of them is answered without an error.
-    ``on_push`` (subscriber connections) gets every reply after the handshake:
-    ``[b"message", channel, data]``, ``[b"subscribe", channel, n]``...
+    A subscriber connection (``on_push`` given) hands every pub/sub message
+    after the handshake to ``on_message(channel, data)`` (both bytes) and
+    every other reply (``[b"subscribe", channel, n]``...) to ``on_push``.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class RedisConnection(Protocol):
         on_ready: Callable[[RedisConnection], None],
         on_lost: Callable[[RedisConnection], None],
         on_push: Callable[[list[Any]], None] | None = None,
+        on_message: Callable[[bytes, bytes], None] | None = None,
     ) -> None:
         self.name = name
         self._handshake = handshake
@@ -67,6 +69,7 @@ class RedisConnection(Protocol):
         self._on_ready = on_ready
         self._on_lost = on_lost
         self._on_push = on_push
+        self._on_message = on_message
         # Subscriber replies stay bytes (payloads go to browsers as they are).
         self._reader = hiredis.Reader() if on_push else hiredis.Reader(encoding="utf-8")
         self._waiting: deque[ReplyTo] = deque()
@@ -163,10 +166,13 @@ class RedisConnection(Protocol):
         try:
             reply = reader.gets()
             if on_push is not None and self.ready:  # a subscriber: messages, confirmations
+                on_message = self._on_message
                 while reply is not False:
-                    if reply[0] != b"message":
+                    if reply[0] == b"message":
+                        on_message(reply[1], reply[2])  # type: ignore[misc]
+                    else:
                         self._expected = max(0, self._expected - 1)
-                    on_push(reply)
+                        on_push(reply)
                     reply = reader.gets()
                 return
             waiting = self._waiting

@@ -44,6 +44,8 @@ UID = PREFIX + "u:"
 GROUP = PREFIX + "g:"
 NODE = PREFIX + "node:"
 REPLY = PREFIX + "r:"
+UID_BYTES = UID.encode()
+UID_LEN = len(UID_BYTES)
 # Seconds after which a message from another node is dropped instead of
 # delivered.  Not --redis-timeout: the sender answered ``ok`` as soon as
 # Redis counted a receiver, so a message that is merely slow to be read here
@@ -150,6 +152,7 @@ class RedisBroker:
         self.home = self.shards[0]  # global channels and keys live on the first Redis
         self._single = self.home if len(self.shards) == 1 else None
         self.reply_channel = REPLY + self.node
+        self._reply_bytes = self.reply_channel.encode()
         self.stale_messages = 0
         self._stale_log = RateLimitedLog(log, level=LogLevel.warn)
         self._ids = itertools.count(1)
@@ -288,10 +291,10 @@ class RedisBroker:
 
     # -- messages from other nodes ----------------------------------------------
 
-    def _received(self, channel: str, message: bytes) -> None:
+    def _received(self, channel: bytes, message: bytes) -> None:
         handler = self.handler
         assert handler is not None
-        if channel.startswith(UID):
+        if channel.startswith(UID_BYTES):
             origin, sent, offset, epoch, payload = message.split(b"\x00", 4)
             if origin == self._node_bytes:
                 return
@@ -299,12 +302,12 @@ class RedisBroker:
             # _stale (a call) only for what looks stale: it decides, counts and logs.
             if time.time() * 1000 - sent_ms > STALE_AFTER_MS and self._stale(sent_ms):
                 return
-            uid = channel[len(UID) :]
+            uid = channel[UID_LEN:].decode()
             position = ("u:" + uid, int(offset), epoch.decode()) if offset else None
             handler.deliver_uid(uid, payload, position)
             return
         data = orjson.loads(message)
-        if channel == self.reply_channel:
+        if channel == self._reply_bytes:
             self._ack(data["i"], data["n"])
             return
         if data["o"] == self.node:

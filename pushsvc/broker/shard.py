@@ -83,7 +83,7 @@ class Shard:
 
     ``wanted`` returns every channel the owner needs on this shard (subscribed
     again after each reconnect); ``on_message`` receives every message
-    (channel as text, payload as bytes); ``on_up`` is called each time both
+    (channel and payload as bytes); ``on_up`` is called each time both
     connections are up.
     """
 
@@ -92,7 +92,7 @@ class Shard:
         url: str,
         timeout: float,
         wanted: Callable[[Shard], Collection[str]],
-        on_message: Callable[[str, bytes], None],
+        on_message: Callable[[bytes, bytes], None],
         on_up: Callable[[Shard], None],
     ) -> None:
         self.endpoint, self.name, password, db = parse_redis_url(url)
@@ -135,7 +135,8 @@ class Shard:
         lost = self.subscriber_lost if on_push else self.commands_lost
 
         def build() -> RedisConnection:
-            return RedisConnection(self.name, handshake, check, ready, lost, on_push)
+            on_message = self.on_message if on_push else None
+            return RedisConnection(self.name, handshake, check, ready, lost, on_push, on_message)
 
         policy = backoffPolicy(0.5, RECONNECT_MAX_DELAY, jitter=lambda: random.random() * 0.5)
         factory = RedisConnectionFactory(build)
@@ -263,11 +264,8 @@ class Shard:
             sub.send(("UNSUBSCRIBE", *batch), ignore_reply)
 
     def _pushed(self, reply: list[Any]) -> None:
-        """Everything the subscriber connection receives: messages and confirmations."""
+        """What the subscriber connection receives but messages: (un)subscription confirmations."""
         kind = reply[0]
-        if kind == b"message":
-            self.on_message(reply[1].decode(), reply[2])
-            return
         # One confirmation per channel; the command's own callback took the first.
         if kind == b"subscribe":
             self._confirmed(reply[1].decode())
