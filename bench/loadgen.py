@@ -59,6 +59,16 @@ def proc_cpu_split(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
+def proc_switches(pid: int) -> int:
+    """Context switches of ``pid`` so far, voluntary (waits, e.g. in epoll) and not."""
+    total = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.endswith("ctxt_switches:\t" + line.rsplit("\t", 1)[-1]):
+                total += int(line.rsplit("\t", 1)[-1])
+    return total
+
+
 def proc_cpu_seconds(pid: int) -> float:
     """Return utime + stime of ``pid`` in seconds (children not included)."""
     return sum(proc_cpu_split(pid))
@@ -89,7 +99,9 @@ class Window:
     t0: float = 0.0
     parts: tuple[float, ...] = ()
     server_sys: float = 0.0
+    switches: tuple[int, ...] = ()
     _cpu0: tuple[tuple[float, ...], float, float] = ((), 0.0, 0.0)
+    _switches0: tuple[int, ...] = ()
 
     def _server(self) -> tuple[tuple[float, ...], float]:
         split = [proc_cpu_split(pid) for pid in (self.pid, *self.extra)]
@@ -100,6 +112,7 @@ class Window:
         self.t0 = time.perf_counter()
         cpu, sys_cpu = self._server()
         self._cpu0 = (cpu, sys_cpu, time.process_time())
+        self._switches0 = tuple(proc_switches(p) for p in (self.pid, *self.extra))
 
     def stop(self) -> None:
         """Take the closing readings."""
@@ -109,6 +122,8 @@ class Window:
         self.server_cpu = sum(self.parts)
         self.server_sys = sys_cpu - self._cpu0[1]
         self.gen_cpu = time.process_time() - self._cpu0[2]
+        now = tuple(proc_switches(p) for p in (self.pid, *self.extra))
+        self.switches = tuple(b - a for a, b in zip(self._switches0, now, strict=True))
 
     def figures(self, count: int, unit: str) -> dict[str, Any]:
         """Rate, server CPU per unit and both processes' CPU share."""
@@ -125,6 +140,8 @@ class Window:
         }
         if self.extra:
             result[f"server_cpu_us_per_{unit}_by_process"] = [p / count * 1e6 for p in self.parts]
+        # How much work one wake-up of each server process did (its context switches).
+        result[f"{unit}s_per_switch_by_process"] = [count / max(n, 1) for n in self.switches]
         return result
 
 

@@ -37,8 +37,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -326,6 +326,29 @@ CLUSTER_WINDOW = 1000
 LOSS_WAIT = 2.0
 
 
+@asynccontextmanager
+async def spying(profile: tuple[Path, list[int]] | None, scenario: str) -> AsyncIterator[None]:
+    """py-spy on each node (``cluster-node{A,B}-{scenario}.txt``) while the block runs."""
+    if profile is None:
+        yield
+        return
+    out_dir, pids = profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spies = []
+    for k, pid in enumerate(pids):
+        raw = out_dir / f"cluster-node{'AB'[k]}-{scenario}.txt"
+        argv = ["py-spy", "record", "--pid", str(pid), "--rate", "250"]
+        argv += ["--format", "raw", "-o", str(raw)]
+        spies.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    await asyncio.sleep(1.0)
+    try:
+        yield
+    finally:
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            await asyncio.get_running_loop().run_in_executor(None, spy.wait)
+
+
 async def unicast_session(
     target: loadgen.Target,
     cfg: loadgen.Config,
@@ -348,32 +371,18 @@ async def unicast_session(
         if redis_port is not None:
             await wait_subscribed(redis_port, len(clients))
         if "unicast_1" in which:
-            spies = []
-            if profile is not None:  # py-spy on each node during this scenario only
-                out_dir, pids = profile
-                out_dir.mkdir(parents=True, exist_ok=True)
-                for k, pid in enumerate(pids):
-                    raw = out_dir / f"cluster-node{'AB'[k]}-unicast.txt"
-                    argv = ["py-spy", "record", "--pid", str(pid), "--rate", "250"]
-                    argv += ["--format", "raw", "-o", str(raw)]
-                    spy = subprocess.Popen(
-                        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-                    )
-                    spies.append(spy)
-                await asyncio.sleep(1.0)
-            results["unicast_1"] = await loadgen.scenario_unicast(
-                target, hub, clients, 1, cfg, loss_wait=LOSS_WAIT
-            )
-            for spy in spies:
-                spy.send_signal(signal.SIGINT)
-                await asyncio.get_running_loop().run_in_executor(None, spy.wait)
+            async with spying(profile, "unicast"):
+                results["unicast_1"] = await loadgen.scenario_unicast(
+                    target, hub, clients, 1, cfg, loss_wait=LOSS_WAIT
+                )
         if "unicast_8" in which:
             # 1,000 requests in flight in all, as with one backend connection:
             # 8 x 1,000 through a cluster on one core outlast --redis-timeout.
             few = replace(cfg, pipeline_window=CLUSTER_WINDOW // 8)
-            results["unicast_8"] = await loadgen.scenario_unicast(
-                target, hub, clients, 8, few, loss_wait=LOSS_WAIT
-            )
+            async with spying(profile, "unicast8"):
+                results["unicast_8"] = await loadgen.scenario_unicast(
+                    target, hub, clients, 8, few, loss_wait=LOSS_WAIT
+                )
         if "pipelined" in which:
             # The seed's PHP loop in a bulk job: every line written at once, no
             # cap on requests in flight; every reply must still be true.
@@ -525,7 +534,9 @@ def render_cluster(results: dict[str, list[dict[str, Any]]], cfg: loadgen.Config
             results["single"], results["cluster"], ("1 node", "2 nodes + Redis"), cluster_rows(cfg)
         ),
         "",
-        "Cluster CPU µs/push by process (node A / node B / Redis), median:",
+        "Cluster CPU µs/push by process (node A / node B / Redis), median, and pushes per"
+        " context switch of each (how many pushes one wake-up of the process handled;"
+        " the 1 node column's: single):",
         "",
     ]
     for key in ("unicast_1", "unicast_8", "latency"):
@@ -535,7 +546,17 @@ def render_cluster(results: dict[str, list[dict[str, Any]]], cfg: loadgen.Config
                 statistics.median(r["server_cpu_us_per_push_by_process"][k] for r in runs)
                 for k in range(3)
             ]
-            out.append(f"- {key}: " + " / ".join(f"{v:.1f}" for v in parts))
+            batches = [
+                statistics.median(r["pushs_per_switch_by_process"][k] for r in runs)
+                for k in range(3)
+            ]
+            single = statistics.median(
+                r[key]["pushs_per_switch_by_process"][0] for r in results["single"] if key in r
+            )
+            out.append(
+                f"- {key}: {' / '.join(f'{v:.1f}' for v in parts)} µs; pushes per switch"
+                f" {' / '.join(f'{v:.1f}' for v in batches)} (single: {single:.1f})"
+            )
     rows: list[tuple[str, list[Row]]] = [
         (
             f"unicast, 8 backend conns × {CLUSTER_WINDOW // 8} in flight → {cfg.clients:,} clients",
@@ -1235,10 +1256,12 @@ def main() -> None:
         if "cluster" in raw:
             print()
             print(render_cluster(raw["cluster"], cfg))
-            for node in "AB" if args.profile else "":
-                raw_file = args.profile / f"cluster-node{node}-unicast.txt"
-                print(f"\npy-spy profile of node {node}, unicast through the cluster:\n")
-                print(summarize_profile(raw_file))
+            for scenario in ("unicast", "unicast8") if args.profile else ():
+                for node in "AB":
+                    raw_file = args.profile / f"cluster-node{node}-{scenario}.txt"
+                    conns = "8 backend connections" if scenario == "unicast8" else "1"
+                    print(f"\npy-spy profile of node {node}, unicast ({conns}), cluster:\n")
+                    print(summarize_profile(raw_file))
         if "targets" in raw:
             print()
             print(render_targets(raw["targets"]))

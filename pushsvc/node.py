@@ -142,8 +142,11 @@ class Node(Service):
         """
         reached = self.hub.push(uids, payload)
         remote = self.broker.publish(uids, payload, None)
-        if type(remote) is int:  # _answer's first case, inline: one node's every push
+        # _answer's commonest cases inline: one node's every push, a cluster's to elsewhere.
+        if type(remote) is int:
             return reached + remote
+        if not reached:
+            return remote
         return _answer(reached, remote)
 
     def _push_frame(

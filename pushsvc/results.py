@@ -51,10 +51,16 @@ class Later:
         self._ok: bool | None = None  # None: not known yet; False: _value is the exception
 
     def then(self, done: Callable[..., Any], *args: Any) -> Later:
-        return self._add(done, None, args)
+        self._steps.append((done, None, args))
+        if self._ok is not None:
+            self._run()
+        return self
 
     def settle(self, done: Callable[..., Any], failed: Callable[..., Any], *args: Any) -> Later:
-        return self._add(done, failed, args)
+        self._steps.append((done, failed, args))
+        if self._ok is not None:
+            self._run()
+        return self
 
     def resolve(self, value: Any) -> None:
         """The value is known: run the steps."""
@@ -69,40 +75,34 @@ class Later:
     def as_deferred(self) -> defer.Deferred[Any]:
         """The same value as a Deferred, for code written for Twisted (HTTP, gatherResults)."""
         d: defer.Deferred[Any] = defer.Deferred()
-        self._add(d.callback, d.errback, ())
+        self.settle(d.callback, d.errback)
         return d
-
-    def _add(
-        self, done: Callable[..., Any], failed: Callable[..., Any] | None, args: tuple[Any, ...]
-    ) -> Later:
-        self._steps.append((done, failed, args))
-        if self._ok is not None:
-            self._run()
-        return self
 
     def _run(self) -> None:
         value, ok = self._value, self._ok
-        self._ok = None  # running: steps added meanwhile are queued and run below
+        self._ok = None  # running: a step added meanwhile joins ``steps`` and runs in turn
+        steps = self._steps
         raised = False
-        while self._steps:
-            steps = iter(self._steps)
-            self._steps = []
-            for done, failed, args in steps:
-                try:
-                    if ok:
-                        value = done(value, *args)
-                    elif failed is not None:
-                        value, ok = failed(value, *args), True
-                    else:
-                        continue
-                except Exception as e:  # noqa: BLE001 - for the next step that takes failures
-                    value, ok, raised = e, False, True
+        for step in steps:
+            done, failed, args = step
+            try:
+                if ok:
+                    value = done(value, *args)
+                elif failed is not None:
+                    value = failed(value, *args)
+                    ok = True
+                else:
                     continue
-                if type(value) not in _PLAIN and isinstance(value, (Later, defer.Deferred)):
-                    # The rest wait for the value it stands for.
-                    self._steps = [*steps, *self._steps]
-                    settle(value, self.resolve, self.fail)
-                    return
+            except Exception as e:  # noqa: BLE001 - for the next step that takes failures
+                value, ok, raised = e, False, True
+                continue
+            if type(value) not in _PLAIN and isinstance(value, (Later, defer.Deferred)):
+                # The rest wait for the value it stands for.
+                at = next(i for i, s in enumerate(steps) if s is step)
+                self._steps = steps[at + 1 :]
+                settle(value, self.resolve, self.fail)
+                return
+        steps.clear()
         self._value, self._ok = value, ok
         if raised and not ok:  # an exception no step took: a bug, not an answer
             failure = Failure(value, type(value), value.__traceback__)
@@ -112,11 +112,12 @@ class Later:
 def then(value: Any, fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(value, *args)`` now, or when ``value`` arrives if it is a Later or a Deferred."""
     kind = type(value)
-    if kind in _PLAIN:
-        return fn(value, *args)
     if kind is Later:
-        return value._add(fn, None, args)
-    if not isinstance(value, defer.Deferred):
+        value._steps.append((fn, None, args))
+        if value._ok is not None:
+            value._run()
+        return value
+    if kind in _PLAIN or not isinstance(value, defer.Deferred):
         return fn(value, *args)
     return value.addCallback(_adopted, fn, args)
 
@@ -127,11 +128,12 @@ def settle(value: Any, done: Callable[..., Any], failed: Callable[..., Any], *ar
     ``args`` spare a caller a closure per request on the way to a later answer.
     """
     kind = type(value)
-    if kind in _PLAIN:
-        return done(value, *args)
     if kind is Later:
-        return value._add(done, failed, args)
-    if not isinstance(value, defer.Deferred):
+        value._steps.append((done, failed, args))
+        if value._ok is not None:
+            value._run()
+        return value
+    if kind in _PLAIN or not isinstance(value, defer.Deferred):
         return done(value, *args)
     return value.addCallbacks(
         _adopted, _failed, callbackArgs=(done, args), errbackArgs=(failed, *args)
