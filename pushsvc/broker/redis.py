@@ -31,7 +31,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger, LogLevel
 
 from pushsvc.broker.base import BrokerHandler
-from pushsvc.broker.connection import ignore_reply
+from pushsvc.broker.connection import ignore_reply, publish_command
 from pushsvc.broker.ring import hash_ring
 from pushsvc.broker.shard import Shard
 from pushsvc.errors import Unavailable
@@ -230,22 +230,22 @@ class RedisBroker:
                 position[2].encode(),
                 payload,
             )
-        shard_of = self.shard_of
         if type(uids) is list and len(uids) == 1:
-            channel = UID + uids[0]
-            shard = shard_of(uids[0])
+            uid = uids[0]
+            channel = UID + uid
+            shard = self.shard_of(uid)
             # Our own subscription (if we hold the uid) counts as a receiver.
             answer = Later()
             reply = partial(_one_reply, answer, 1 if shard.may_count_me(channel) else 0)
-            shard.send(("PUBLISH", channel, message), reply)
+            shard.send(publish_command(channel.encode(), message), reply)
             return answer
         total = _Sum()
         for uid in uids:
             channel = UID + uid
-            shard = shard_of(uid)
+            shard = self.shard_of(uid)
             mine = 1 if shard.may_count_me(channel) else 0
             total.left += 1
-            shard.send(("PUBLISH", channel, message), partial(total.reply, mine))
+            shard.send(publish_command(channel.encode(), message), partial(total.reply, mine))
         return total.close()
 
     def fan_out(self, kind: str, fields: dict[str, Any]) -> defer.Deferred[int]:

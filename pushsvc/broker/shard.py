@@ -297,8 +297,8 @@ class Shard:
 
     # -- commands -------------------------------------------------------------
 
-    def send(self, command: tuple[Any, ...], reply_to: ReplyTo) -> None:
-        """Pipeline one command; ``reply_to`` gets the reply or an exception instance.
+    def send(self, command: tuple[Any, ...] | bytes, reply_to: ReplyTo) -> None:
+        """Pipeline one command (arguments, or packed); ``reply_to`` gets the reply or an error.
 
         Fails at once (with Unavailable) while Redis is down: nothing is queued.
         """
