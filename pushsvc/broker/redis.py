@@ -233,7 +233,7 @@ class RedisBroker:
         if type(uids) is list and len(uids) == 1:
             uid = uids[0]
             channel = UID + uid
-            shard = self.shard_of(uid)
+            shard = self._single or self.shard_of(uid)
             # Our own subscription (if we hold the uid) counts as a receiver.
             answer = Later()
             reply = partial(_one_reply, answer, 1 if shard.may_count_me(channel) else 0)
