@@ -295,9 +295,9 @@ class RedisBroker:
         handler = self.handler
         assert handler is not None
         if channel.startswith(UID_BYTES):
-            origin, sent, offset, epoch, payload = message.split(b"\x00", 4)
-            if origin == self._node_bytes:
-                return
+            if message.startswith(self._head):
+                return  # our own push (this node holds the uid too): delivered here already
+            _, sent, offset, epoch, payload = message.split(b"\x00", 4)
             sent_ms = int(sent)
             # _stale (a call) only for what looks stale: it decides, counts and logs.
             if time.time() * 1000 - sent_ms > STALE_AFTER_MS and self._stale(sent_ms):
