@@ -146,6 +146,8 @@ class BackendProtocol(LineReceiver):
         self._waiting: deque[list[bytes | None]] | None = None
         self._held = False  # reading stopped: too many replies waiting for the cluster
         self._flush_call: IDelayedCall | None = None  # replies that came in this turn, written once
+        # Bound once: a cluster push's reply slot would make two method objects per push.
+        self._on_reply, self._on_broken = self._resolved, self._broken
 
     def connectionMade(self) -> None:
         self.node.metrics.backend_connections += 1
@@ -295,7 +297,7 @@ class BackendProtocol(LineReceiver):
 
     def _send(self, replies: list[Any]) -> None:
         if self._waiting is None and all(type(r) is bytes for r in replies):
-            write_now(self.transport, b"".join(replies))  # type: ignore[arg-type]
+            write_now(self.transport, b"".join(replies))
             return
         if self._waiting is None:
             self._waiting = deque()
@@ -307,7 +309,7 @@ class BackendProtocol(LineReceiver):
             if type(reply) is bytes:
                 slot[0] = reply
             else:
-                settle(reply, self._resolved, self._broken, slot)
+                settle(reply, self._on_reply, self._on_broken, slot)
         self._flush()
         self._hold_if_behind()
 

@@ -64,11 +64,15 @@ class Later:
 
     def resolve(self, value: Any) -> None:
         """The value is known: run the steps."""
+        if self._ok is not None:
+            raise defer.AlreadyCalledError(f"{self!r} already has its value")
         self._value, self._ok = value, True
         self._run()
 
     def fail(self, error: BaseException) -> None:
         """No value will come: the steps that take failures get ``error``."""
+        if self._ok is not None:
+            raise defer.AlreadyCalledError(f"{self!r} already has its value")
         self._value, self._ok = error, False
         self._run()
 

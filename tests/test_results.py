@@ -21,6 +21,15 @@ def test_steps_run_in_order_once_the_value_is_known() -> None:
     assert seen == [20]
 
 
+def test_a_later_gets_one_value() -> None:
+    later = Later()
+    later.resolve(1)
+    with pytest.raises(defer.AlreadyCalledError):
+        later.resolve(2)
+    with pytest.raises(defer.AlreadyCalledError):
+        later.fail(Unavailable("late"))
+
+
 def test_a_step_added_after_the_value_runs_at_once() -> None:
     later = Later()
     later.resolve(3)
