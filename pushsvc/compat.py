@@ -23,7 +23,7 @@ from twisted.internet import tcp
 # -- Twisted: write a frame at once (tcp.Server._tempDataLen, dataBuffer, _writeDisconnected)
 
 
-def write_now(transport: Any, data: bytes) -> None:
+def write_now(transport: Any, data: bytes) -> bool:
     """``transport.write(data)``, but sent at once when nothing is queued ahead of it.
 
     Twisted's TCP transport queues every write, asks epoll to report the
@@ -32,6 +32,10 @@ def write_now(transport: Any, data: bytes) -> None:
     asyncio, try ``send()`` first when the transport holds nothing, and hand
     Twisted only what the kernel did not take (and any error, which its own
     write path then reports as usual).
+
+    False when the ``send()`` failed because the connection is gone (the
+    peer reset it): the bytes will never arrive, and a push must not count
+    them as delivered.  True when they were sent or queued.
     """
     if (
         type(transport) is tcp.Server
@@ -42,12 +46,16 @@ def write_now(transport: Any, data: bytes) -> None:
     ):
         try:
             sent = transport.socket.send(data)
-        except OSError:  # EAGAIN, or an error Twisted will find on its own write
+        except BlockingIOError:  # the kernel's buffer is full: Twisted queues it
             sent = 0
+        except OSError:  # ECONNRESET, EPIPE: Twisted's own write finds it and closes
+            transport.write(data)
+            return False
         if sent == len(data):
-            return
+            return True
         data = data[sent:]
     transport.write(data)
+    return True
 
 
 # -- Twisted: a transport's producer slot (FileDescriptor.producer / _producer) --------
@@ -296,18 +304,19 @@ def _scalar_class_values(cls: type) -> dict[str, object]:
 # wasNotCleanReason, sendHttpErrorResponse)
 
 
-def send_prepared(conn: Any, prepared: Any, direct: bool) -> None:
+def send_prepared(conn: Any, prepared: Any, direct: bool) -> bool:
     """Send a prepared frame; straight to the socket when ``direct`` and nothing is in the way.
 
     Autobahn's own path (``sendData``) builds debug-log arguments and queues
     the write for the next reactor turn; an open, uncompressed connection
     with nothing in Autobahn's send queue needs none of that.  The caller
     says whether it may go direct (not while its send-queue guard counts).
+    False when the socket said the connection is gone (``write_now``).
     """
     if direct and conn._perMessageCompress is None and not conn.send_queue:
-        write_now(conn.transport, prepared.payloadHybi)
-    else:
-        conn.sendPreparedMessage(prepared)
+        return write_now(conn.transport, prepared.payloadHybi)
+    conn.sendPreparedMessage(prepared)
+    return True
 
 
 def send_response_now(conn: Any, data: bytes) -> bool:

@@ -49,8 +49,12 @@ class Frame(PreparedMessage):
 class Connection(Protocol):
     """What the hub needs from a client connection (the WebSocket frontend's protocol)."""
 
-    def deliver(self, frame: Frame) -> None:
-        """Send a frame (or hold it while the connection recovers its history)."""
+    def deliver(self, frame: Frame) -> bool:
+        """Send a frame (or hold it while the connection recovers its history).
+
+        False only when the connection turned out to be gone (its peer reset
+        it): the frame will not arrive and is not counted as delivered.
+        """
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake with an application close code."""
@@ -175,8 +179,8 @@ class Hub:
                 if type(frame) is bytes:
                     frame = Frame(frame)
                 for conn in conns:
-                    conn.deliver(frame)
-                reached += len(conns)
+                    if conn.deliver(frame):
+                        reached += 1
         if reached:
             self.frames_sent += reached
             self.bytes_sent += reached * len(frame.payload)  # type: ignore[union-attr]
@@ -207,9 +211,10 @@ class Hub:
         return self._deliver_all(list(self._uid_of), frame)
 
     def _deliver_all(self, conns: Collection[Connection], frame: Frame) -> int:
+        sent = 0
         for conn in conns:
-            conn.deliver(frame)
-        sent = len(conns)
+            if conn.deliver(frame):
+                sent += 1
         self.count_sent(sent, sent * len(frame.payload))
         return sent
 

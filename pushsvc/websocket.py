@@ -254,20 +254,21 @@ class PushServerProtocol(WebSocketServerProtocol):
 
     # -- the hub's Connection ----------------------------------------------------
 
-    def deliver(self, frame: Frame, gated: bool = True) -> None:
+    def deliver(self, frame: Frame, gated: bool = True) -> bool:
         """The push hot path: the envelope or its plain twin, written at once when possible.
 
         Through the recovery gate while there is one (``gated``); while the
         send-queue guard counts (the peer lags), frames take Autobahn's path,
-        where the guard sees every byte.
+        where the guard sees every byte.  False if the socket said the peer
+        is gone (reset): the push did not reach this connection.
         """
         if gated and self._gate is not None:
             self._gate.offer(frame)
-            return
+            return True
         if frame.plain is not None and not self.envelopes:
             frame = frame.plain
         guard = self._guard
-        compat.send_prepared(self, frame, guard is None or not guard.state)
+        return compat.send_prepared(self, frame, guard is None or not guard.state)
 
     def send_frame(self, frame: Frame) -> None:
         """Write a frame past the recovery gate (the gate's own way out)."""

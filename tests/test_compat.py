@@ -186,6 +186,59 @@ def test_the_101_response_leaves_before_the_next_reactor_turn() -> None:
         factory.handshakes.discard(conn)
 
 
+def test_a_push_to_a_connection_its_peer_reset_is_not_delivered() -> None:
+    """A browser gone with a TCP reset: its send() fails, so the push says 0, not 1 (``ok``).
+
+    No reactor turn runs between the reset and the push (as when a push is in
+    the same read as the backend's request): only the socket knows.
+    """
+    import socket
+    import struct
+
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.task import Clock
+
+    from pushsvc.auth import UidAuthenticator
+    from pushsvc.broker.memory import MemoryBroker
+    from pushsvc.history.store import MemoryStore
+    from pushsvc.node import Node
+    from pushsvc.websocket import PushServerFactory
+
+    class Port:
+        _realPortNumber = 0
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    peer = socket.create_connection(listener.getsockname())
+    accepted, address = listener.accept()
+    listener.close()
+    server = compat.tcp.Server(accepted, Protocol(), address, Port(), 0, reactor)
+    node = Node(MemoryBroker(), MemoryStore())
+    factory = PushServerFactory(node, UidAuthenticator(), ping_interval=0)
+    factory.reactor = Clock()
+    conn = factory.buildProtocol(None)
+    key = b"\x01\x02\x03\x04"
+    try:
+        conn.makeConnection(server)
+        conn.dataReceived(
+            b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        uid = bytes(c ^ key[i % 4] for i, c in enumerate(b"alice"))
+        conn.dataReceived(bytes([0x81, 0x80 | 5]) + key + uid)
+        assert conn.uid == "alice"
+        assert node.push(["alice"], b"before") == 1
+        frames_before = node.hub.frames_sent
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # a reset, not a FIN
+        assert node.push(["alice"], b"after") == 0
+        assert node.hub.frames_sent == frames_before  # not counted as sent either
+    finally:
+        conn.transport.stopReading()
+        server.stopWriting()
+        server.socket.close()
+        factory.handshakes.discard(conn)
+
+
 def test_compact_keeps_what_differs_from_the_class_by_identity() -> None:
     """compact() drops class values and handshake state, keeps everything else as it was."""
     from collections import deque

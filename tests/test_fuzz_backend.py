@@ -31,8 +31,9 @@ class FakeConn:
         self.frames = 0
         self.closed: list[tuple[int | None, str | None]] = []
 
-    def deliver(self, frame: object) -> None:
+    def deliver(self, frame: object) -> bool:
         self.frames += 1
+        return True
 
     def close(self, code: int, reason: str) -> None:
         self.closed.append((code, reason))

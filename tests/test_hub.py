@@ -26,8 +26,9 @@ class FakeConn:
         self.closes: list[tuple[int, str]] = []
         self.went_away = 0
 
-    def deliver(self, frame: Frame) -> None:
+    def deliver(self, frame: Frame) -> bool:
         self.frames.append(frame)
+        return True
 
     def close(self, code: int, reason: str) -> None:
         self.closes.append((code, reason))

@@ -52,12 +52,13 @@ class FakeConn:
     def messages(self) -> list[dict[str, Any]]:
         return [orjson.loads(text) for text in self.texts]
 
-    def deliver(self, frame: Frame) -> None:
+    def deliver(self, frame: Frame) -> bool:
         gate = self.gate
         if gate is None:
             self.send_frame(frame)
         else:
             gate.offer(frame)
+        return True
 
     def send_frame(self, frame: Frame) -> None:
         self.sent.append(frame)
