@@ -5,9 +5,11 @@ from __future__ import annotations
 import signal
 import time
 
+import orjson
 import pytest
 from conftest import cluster_node, redis_connected, until
 from redis_server import RedisServer, require_redis
+from test_commands import http_post
 from websockets.exceptions import ConnectionClosed
 
 
@@ -44,6 +46,19 @@ def test_push_reaches_a_uid_on_the_other_node(start_server, redis) -> None:
     ws_b.close()
     until(lambda: not subscribed(redis, "alice"))
     assert b.call({"uid": "alice", "data": "gone"}) == {"id": 1, "ok": False, "delivered": 0}
+
+
+def test_the_http_api_answers_a_push_that_waits_for_redis(start_server, redis) -> None:
+    """The HTTP port answers once PUBLISH's count is in, as the backend port does."""
+    a, b = cluster_node(start_server, redis), cluster_node(start_server, redis)
+    ws = a.ws("carol")
+    until(lambda: subscribed(redis, "carol"))
+    status, data, _ = http_post(b, "/api/push", b'{"uid":"carol","data":"over http"}')
+    assert (status, orjson.loads(data)) == (200, {"ok": True, "delivered": 1})
+    assert ws.recv(timeout=5) == "over http"
+    status, data, _ = http_post(b, "/api/push", b'{"uid":"nobody","data":"x","id":7}')
+    assert (status, orjson.loads(data)) == (200, {"id": 7, "ok": False, "delivered": 0})
+    ws.close()
 
 
 def test_broadcast_groups_presence_and_disconnect_across_nodes(start_server, redis) -> None:
