@@ -31,8 +31,9 @@ class Later:
     Twisted's Deferred, cut down to what a cluster push needs.  A push that
     waits for Redis has three steps (the command's result, ``serve``'s reply,
     the backend's reply slot); a Deferred spends about 460 Python opcodes per
-    push running them, a quarter of a cluster push's whole cost
-    (docs/performance.md, *The reply path*), a Later about 60.
+    push running them, a quarter of a cluster push's whole cost, a Later
+    about 220, in less than half the time (``python bench/hotpath.py``;
+    docs/performance.md, *The reply path*).
 
     A step is ``then(done, *args)`` — ``done(value, *args)`` replaces the
     value — or ``settle(done, failed, *args)``, which also takes a failure
