@@ -24,7 +24,7 @@ import hiredis
 from twisted.internet.defer import Deferred
 
 from pushsvc.broker.connection import publish_command
-from pushsvc.results import Later
+from pushsvc.results import Later, settle, then
 
 CHANNEL = "pushsvc:u:user-123"
 MESSAGE = b"host-1234-abcdef\x001764614400000\x00\x00\x0088%"
@@ -61,10 +61,10 @@ def with_deferred() -> None:
 
 def with_later() -> None:
     later = Later()
-    later.then(delivered, None)
-    later.settle(answered, refused, 1, 2, 3)
+    then(later, delivered, None)  # as the push command, serve and the backend add them
+    settle(later, answered, refused, 1, 2, 3)
     slot: list[bytes | None] = [None]
-    later.settle(resolved, broken, slot)
+    settle(later, resolved, broken, slot)
     later.resolve(1)
 
 

@@ -61,12 +61,8 @@ def proc_cpu_split(pid: int) -> tuple[float, float]:
 
 def proc_switches(pid: int) -> int:
     """Context switches of ``pid`` so far, voluntary (waits, e.g. in epoll) and not."""
-    total = 0
     with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.endswith("ctxt_switches:\t" + line.rsplit("\t", 1)[-1]):
-                total += int(line.rsplit("\t", 1)[-1])
-    return total
+        return sum(int(line.split()[-1]) for line in f if "ctxt_switches:" in line)
 
 
 def proc_cpu_seconds(pid: int) -> float:

@@ -52,16 +52,10 @@ class Later:
         self._ok: bool | None = None  # None: not known yet; False: _value is the exception
 
     def then(self, done: Callable[..., Any], *args: Any) -> Later:
-        self._steps.append((done, None, args))
-        if self._ok is not None:
-            self._run()
-        return self
+        return then(self, done, *args)  # type: ignore[no-any-return]
 
     def settle(self, done: Callable[..., Any], failed: Callable[..., Any], *args: Any) -> Later:
-        self._steps.append((done, failed, args))
-        if self._ok is not None:
-            self._run()
-        return self
+        return settle(self, done, failed, *args)  # type: ignore[no-any-return]
 
     def resolve(self, value: Any) -> None:
         """The value is known: run the steps."""
@@ -101,7 +95,7 @@ class Later:
             except Exception as e:  # noqa: BLE001 - for the next step that takes failures
                 value, ok, raised = e, False, True
                 continue
-            if type(value) not in _PLAIN and isinstance(value, (Later, defer.Deferred)):
+            if type(value) not in _PLAIN and isinstance(value, _WAITING):
                 # The rest wait for the value it stands for.
                 at = next(i for i, s in enumerate(steps) if s is step)
                 self._steps = steps[at + 1 :]
@@ -114,8 +108,16 @@ class Later:
             log.failure("a step of a Later failed", failure)
 
 
+# What a value still to come is: the rest of a Later's steps wait for it.
+_WAITING = (Later, defer.Deferred)
+
+
 def then(value: Any, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(value, *args)`` now, or when ``value`` arrives if it is a Later or a Deferred."""
+    """``fn(value, *args)`` now, or when ``value`` arrives if it is a Later or a Deferred.
+
+    A Later's step is added here (and in :func:`settle`), not through its
+    methods: one Python call less per step on every cluster push.
+    """
     kind = type(value)
     if kind is Later:
         value._steps.append((fn, None, args))
@@ -157,7 +159,7 @@ def _failed(failure: Failure, failed: Callable[..., Any], *args: Any) -> Any:
 
 def is_later(value: Any) -> bool:
     """Whether ``value`` is an answer still to come (a Later or a Deferred)."""
-    return type(value) not in _PLAIN and isinstance(value, (Later, defer.Deferred))
+    return type(value) not in _PLAIN and isinstance(value, _WAITING)
 
 
 def deferred(value: Any) -> defer.Deferred[Any]:
