@@ -150,15 +150,12 @@ class RedisConnection(Protocol):
         """
         if not self._waiting and not self._expected:
             self.last_reply = time.monotonic()  # the silence starts with this command
-        if type(command) is bytes:
-            self._waiting.append(reply_to)
-            self._out.append(command)
+        packed = type(command) is bytes
+        if not packed and self._on_push is not None and self.ready:
+            self._expected += len(command) - 1  # SUBSCRIBE a b c: three confirmations
         else:
-            if self._on_push is not None and self.ready:
-                self._expected += len(command) - 1  # SUBSCRIBE a b c: three confirmations
-            else:
-                self._waiting.append(reply_to)
-            self._out.append(hiredis.pack_command(command))
+            self._waiting.append(reply_to)
+        self._out.append(command if packed else hiredis.pack_command(command))
         if self._flush_call is None:
             self._flush_call = reactor.callLater(0, self._flush)
 
